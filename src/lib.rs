@@ -1,0 +1,9 @@
+//! bob: a Kubernetes-native builder of workspace images.
+//!
+//! The library holds every subsystem; `main.rs` only parses the command line and dispatches.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod oci;
+pub mod proxy;
+pub mod telemetry;

@@ -1,0 +1,33 @@
+//! The `bob` binary: parse the command line, set up logging and TLS, run the subcommand.
+
+use std::process::ExitCode;
+
+use bob::cli::{Cli, Command};
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    bob::telemetry::init();
+    // reqwest is built without a default crypto provider: pick ring once, before any client.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bob: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: anyhow::Result<()> = runtime.block_on(async {
+        match cli.command {
+            Command::Proxy(args) => bob::proxy::run(args).await?,
+        }
+        Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bob: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! Registry plumbing shared by every registry client in bob: the plain-HTTP rule, docker
+//! credentials, the token flow and the distribution-spec error format.
+
+pub mod credentials;
+pub mod endpoint;
+pub mod error;
+pub mod token;
+
+pub use credentials::{Credential, CredentialStore, Secret};
+pub use endpoint::Endpoints;
+pub use error::{ErrorCode, RegistryError};
+pub use oci_client::Reference;
