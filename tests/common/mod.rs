@@ -1,0 +1,226 @@
+//! Test helpers: a real `docker-registry` per test (no auth, htpasswd, or token auth with an
+//! in-process token server), a `bob proxy` process, and small OCI images made without internet.
+//! Every process listens on a free port and is killed when its guard drops, even on panic.
+#![allow(dead_code)]
+
+pub mod images;
+pub mod token;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use images::*;
+pub use token::TokenServer;
+
+/// Fails with the install command when a program the test needs is missing.
+pub fn require(program: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        .unwrap_or(false);
+    assert!(found, "`{program}` is missing: install it with `apt-get install -y {package}` (or run .ci/run)");
+}
+
+/// Installs the rustls crypto provider that bob's clients need.
+pub fn init() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A child process that is killed when dropped, with its output collected in the background.
+pub struct Proc {
+    child: Child,
+    output: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    /// Spawns `cmd` and waits until a line of its stderr contains `marker`; returns that line.
+    pub fn spawn_until(mut cmd: Command, marker: &str, timeout: Duration) -> (Self, String) {
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped()).stdin(Stdio::null());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let output = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = output.clone();
+        let marker = marker.to_string();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stderr);
+            let mut line = String::new();
+            let mut sent = false;
+            while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                if !sent && line.contains(&marker) {
+                    let _ = tx.send(line.clone());
+                    sent = true;
+                }
+                out.lock().unwrap().push_str(&line);
+                line.clear();
+            }
+        });
+        let mut proc = Proc { child, output };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(line) = rx.recv_timeout(Duration::from_millis(20)) {
+                return (proc, line);
+            }
+            if let Ok(Some(status)) = proc.child.try_wait() {
+                panic!("{cmd:?} exited with {status} before it was ready:\n{}", proc.output());
+            }
+            assert!(Instant::now() < deadline, "{cmd:?} not ready in {timeout:?}:\n{}", proc.output());
+        }
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Peak resident set size in KiB (VmHWM from /proc).
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/<pid>/status")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The address part of a log line that says `listening on <scheme://>host:port`.
+fn listen_addr(line: &str) -> String {
+    let rest = &line[line.find("listening on").expect("marker") + "listening on".len()..];
+    let rest = rest.trim().trim_start_matches("http://");
+    rest.split(|c: char| c.is_whitespace() || c == '"').next().unwrap().to_string()
+}
+
+/// How a test registry authenticates.
+pub enum RegistryAuth<'a> {
+    /// No authentication.
+    None,
+    /// htpasswd basic auth with one user.
+    Basic { user: &'a str, password: &'a str },
+    /// Token auth against this token server.
+    Token(&'a TokenServer),
+}
+
+/// A real `docker-registry` on `127.0.0.1:<free port>`, removed with its data when dropped.
+pub struct Registry {
+    /// `127.0.0.1:<port>`.
+    pub host: String,
+    proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// Starts a registry with the given authentication.
+    pub fn start(auth: RegistryAuth<'_>) -> Self {
+        require("docker-registry", "docker-registry");
+        let dir = tempfile::tempdir().unwrap();
+        let auth_yaml = match auth {
+            RegistryAuth::None => String::new(),
+            RegistryAuth::Basic { user, password } => {
+                require("htpasswd", "apache2-utils");
+                let file = dir.path().join("htpasswd");
+                let out = Command::new("htpasswd").args(["-Bbn", user, password]).output().unwrap();
+                assert!(out.status.success(), "htpasswd failed");
+                std::fs::write(&file, out.stdout).unwrap();
+                format!("auth:\n  htpasswd:\n    realm: basic-realm\n    path: {}\n", file.display())
+            }
+            RegistryAuth::Token(ts) => format!(
+                "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                ts.realm(),
+                token::SERVICE,
+                token::ISSUER,
+                ts.cert_path().display()
+            ),
+        };
+        let config = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:0\n  secret: test-secret\n{auth_yaml}",
+            dir.path().join("data").display()
+        );
+        let cfg = dir.path().join("config.yml");
+        std::fs::write(&cfg, config).unwrap();
+        let mut cmd = Command::new("docker-registry");
+        cmd.arg("serve").arg(&cfg);
+        let (proc, line) = Proc::spawn_until(cmd, "listening on", Duration::from_secs(20));
+        Registry { host: listen_addr(&line), proc, _dir: dir }
+    }
+
+    /// `<host>/<repo>`.
+    pub fn repo(&self, repo: &str) -> String {
+        format!("{}/{repo}", self.host)
+    }
+}
+
+/// A `bob proxy` process on a free port.
+pub struct ProxyProc {
+    /// `127.0.0.1:<port>`.
+    pub addr: String,
+    /// The process.
+    pub proc: Proc,
+}
+
+impl ProxyProc {
+    /// Starts `bob proxy` with these environment variables (plus a free address and debug logs).
+    pub fn start(env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bob"));
+        cmd.arg("proxy").env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        cmd.env("BOB_PROXY_ADDR", "127.0.0.1:0").env("RUST_LOG", "debug");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let (proc, line) = Proc::spawn_until(cmd, "listening on", Duration::from_secs(20));
+        ProxyProc { addr: listen_addr(&line), proc }
+    }
+
+    /// `http://<addr>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// A docker config JSON with one basic credential.
+pub fn docker_config(host: &str, user: &str, password: &str) -> String {
+    use base64::Engine;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    format!(r#"{{"auths":{{"{host}":{{"auth":"{auth}"}}}}}}"#)
+}
+
+/// Writes `content` to `dir/name` and returns the path.
+pub fn write_file(dir: &Path, name: &str, content: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, content).unwrap();
+    p
+}
+
+/// Runs a command to completion; panics with its output when it fails.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Reads a whole reader (for piped children).
+pub fn read_all(mut r: impl Read) -> String {
+    let mut s = String::new();
+    let _ = r.read_to_string(&mut s);
+    s
+}
