@@ -126,6 +126,7 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry with the given authentication.
     pub fn start(auth: RegistryAuth<'_>) -> Self {
+        init();
         require("docker-registry", "docker-registry");
         let dir = tempfile::tempdir().unwrap();
         let auth_yaml = match auth {
