@@ -29,7 +29,10 @@ async fn upstream_handler(State(s): State<Arc<Upstream>>, req: Request) -> Respo
     s.requests.fetch_add(1, Ordering::SeqCst);
     s.seen_headers.lock().unwrap().extend(req.headers().keys().map(|k| k.to_string()));
     let unavailable = || {
-        (axum::http::StatusCode::SERVICE_UNAVAILABLE, r#"{"errors":[{"code":"UNAVAILABLE","message":"busy"}]}"#)
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"errors":[{"code":"UNAVAILABLE","message":"busy"}]}"#,
+        )
             .into_response()
     };
     match path.as_str() {
@@ -38,15 +41,18 @@ async fn upstream_handler(State(s): State<Arc<Upstream>>, req: Request) -> Respo
                 s.flaky_left.fetch_sub(1, Ordering::SeqCst);
                 return unavailable();
             }
-            ([("content-type", common::OCI_MANIFEST), ("docker-content-digest", "sha256:aa")], "{}").into_response()
+            ([("content-type", common::OCI_MANIFEST), ("docker-content-digest", "sha256:aa")], "{}")
+                .into_response()
         }
         "/v2/down/manifests/t" => unavailable(),
         "/v2/slow/manifests/t" => {
             tokio::time::sleep(Duration::from_secs(10)).await;
             "{}".into_response()
         }
-        _ => (axum::http::StatusCode::NOT_FOUND, r#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"no"}]}"#)
-            .into_response(),
+        _ => {
+            (axum::http::StatusCode::NOT_FOUND, r#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"no"}]}"#)
+                .into_response()
+        }
     }
 }
 
@@ -74,7 +80,8 @@ async fn start_proxy(mut args: ProxyArgs) -> String {
 /// and body.
 async fn raw(addr: &str, request_line: &str, extra: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    let req = format!("{request_line}\r\nHost: {addr}\r\n{extra}Connection: close\r\nContent-Length: 0\r\n\r\n");
+    let req =
+        format!("{request_line}\r\nHost: {addr}\r\n{extra}Connection: close\r\nContent-Length: 0\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.unwrap();
@@ -88,7 +95,8 @@ fn code_of(body: &str) -> String {
     // the body may be chunked; find the JSON object
     let start = body.find('{').unwrap_or(0);
     let end = body.rfind('}').map(|e| e + 1).unwrap_or(body.len());
-    let v: serde_json::Value = serde_json::from_str(&body[start..end]).unwrap_or_else(|_| panic!("not JSON: {body}"));
+    let v: serde_json::Value =
+        serde_json::from_str(&body[start..end]).unwrap_or_else(|_| panic!("not JSON: {body}"));
     v["errors"][0]["code"].as_str().unwrap_or_default().to_string()
 }
 
@@ -206,7 +214,9 @@ async fn start_cutting_upstream() -> String {
                 let n = s.read(&mut buf).await.unwrap_or(0);
                 let head = String::from_utf8_lossy(&buf[..n]).to_string();
                 if head.starts_with("GET /v2/ ") {
-                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}").await;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+                        .await;
                 } else if head.starts_with("POST ") {
                     let _ = s
                         .write_all(b"HTTP/1.1 202 Accepted\r\nLocation: /v2/ws/blobs/uploads/u1?_state=s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
@@ -232,7 +242,10 @@ async fn connection_cut_mid_upload_is_a_clean_error_not_a_hang() {
     let body = vec![7u8; 8 << 20];
     let sent = tokio::time::timeout(
         Duration::from_secs(20),
-        http.patch(format!("http://{proxy}{loc}")).header("content-range", format!("0-{}", body.len() - 1)).body(body).send(),
+        http.patch(format!("http://{proxy}{loc}"))
+            .header("content-range", format!("0-{}", body.len() - 1))
+            .body(body)
+            .send(),
     )
     .await
     .expect("a cut upstream must not hang the client");

@@ -19,7 +19,15 @@ fn skopeo() -> Command {
 
 fn skopeo_copy(src: &str, dst: &str, all: bool) {
     let mut c = skopeo();
-    c.args(["copy", "-q", "--preserve-digests", "--src-tls-verify=false", "--dest-tls-verify=false", "--src-no-creds", "--dest-no-creds"]);
+    c.args([
+        "copy",
+        "-q",
+        "--preserve-digests",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        "--src-no-creds",
+        "--dest-no-creds",
+    ]);
     if all {
         c.arg("--all");
     }
@@ -37,7 +45,11 @@ async fn push_through_proxy(reg: &Registry, creds: &str) -> ProxyProc {
     skopeo_copy(&src, &format!("docker://{}/target:whatever", proxy.addr), false);
     let direct = Direct::new(&reg.host, Some(creds));
     assert_eq!(direct.manifest_digest("workspace", "planned").await, Some(img.digest.clone()));
-    assert_eq!(direct.manifest_digest("workspace", "whatever").await, None, "the tag is forced to the planned one");
+    assert_eq!(
+        direct.manifest_digest("workspace", "whatever").await,
+        None,
+        "the tag is forced to the planned one"
+    );
     proxy
 }
 
@@ -96,7 +108,11 @@ async fn skopeo_copies_a_two_platform_index_through_the_proxy() {
     let ix = index(&[(&amd, "amd64"), (&arm, "arm64")]);
     let dir = tempfile::tempdir().unwrap();
     write_layout(dir.path(), "latest", &[&amd, &arm], Some(&ix));
-    skopeo_copy(&format!("oci:{}:latest", dir.path().display()), &format!("docker://{}/target:x", proxy.addr), true);
+    skopeo_copy(
+        &format!("oci:{}:latest", dir.path().display()),
+        &format!("docker://{}/target:x", proxy.addr),
+        true,
+    );
     let direct = Direct::new(&reg.host, Some(&creds));
     assert_eq!(direct.manifest_digest("ws", "planned").await, Some(ix.digest.clone()));
     for child in [&amd, &arm] {
@@ -131,7 +147,11 @@ async fn same_registry_mount_is_rewritten_to_the_real_repository() {
     assert_eq!(r.headers()["location"], format!("/v2/target/blobs/{layer}").as_str());
     assert!(direct.blob_exists("workspace-images", layer).await);
     // A whole copy base -> target with skopeo lands at the planned tag with the same digest.
-    skopeo_copy(&format!("docker://{}/base:x", proxy.addr), &format!("docker://{}/target:y", proxy.addr), false);
+    skopeo_copy(
+        &format!("docker://{}/base:x", proxy.addr),
+        &format!("docker://{}/target:y", proxy.addr),
+        false,
+    );
     assert_eq!(direct.manifest_digest("workspace-images", "ws1").await, Some(img.digest));
 }
 
@@ -164,7 +184,11 @@ async fn cross_registry_mount_falls_back_to_a_plain_upload() {
     assert_eq!(put.status(), 201);
     let direct_b = Direct::new(&b.host, Some(&creds));
     assert!(direct_b.blob_exists("ws", &layer.digest).await);
-    skopeo_copy(&format!("docker://{}/base:x", proxy.addr), &format!("docker://{}/target:y", proxy.addr), false);
+    skopeo_copy(
+        &format!("docker://{}/base:x", proxy.addr),
+        &format!("docker://{}/target:y", proxy.addr),
+        false,
+    );
     assert_eq!(direct_b.manifest_digest("ws", "t").await, Some(img.digest));
 }
 
@@ -221,7 +245,10 @@ async fn tokens_are_refetched_after_they_expire() {
     Direct::new(&reg.host, Some(&creds)).push_image("ws", "t", &img).await;
     let proxy = ProxyProc::start(&[("BOB_PROXY_TARGET_REF", &reg.repo("ws:t")), ("BOB_AUTH", &creds)]);
     let head = || {
-        reqwest::Client::new().head(format!("{}/v2/target/manifests/latest", proxy.url())).header("accept", ACCEPT_ALL).send()
+        reqwest::Client::new()
+            .head(format!("{}/v2/target/manifests/latest", proxy.url()))
+            .header("accept", ACCEPT_ALL)
+            .send()
     };
     assert_eq!(head().await.unwrap().status(), 200);
     let before = ts.requests();
@@ -240,10 +267,15 @@ async fn rotated_secret_file_is_picked_up_without_restart() {
     Direct::new(&reg.host, Some(&good)).push_image("ws", "t", &img).await;
     let dir = tempfile::tempdir().unwrap();
     let file = write_file(dir.path(), "config.json", &docker_config(&reg.host, "r", "stale-pass"));
-    let proxy =
-        ProxyProc::start(&[("BOB_PROXY_TARGET_REF", &reg.repo("ws:t")), ("BOB_AUTH_FILE", file.to_str().unwrap())]);
+    let proxy = ProxyProc::start(&[
+        ("BOB_PROXY_TARGET_REF", &reg.repo("ws:t")),
+        ("BOB_AUTH_FILE", file.to_str().unwrap()),
+    ]);
     let head = || {
-        reqwest::Client::new().head(format!("{}/v2/target/manifests/latest", proxy.url())).header("accept", ACCEPT_ALL).send()
+        reqwest::Client::new()
+            .head(format!("{}/v2/target/manifests/latest", proxy.url()))
+            .header("accept", ACCEPT_ALL)
+            .send()
     };
     assert_eq!(head().await.unwrap().status(), 401, "stale credentials are refused upstream");
     // Kubernetes updates a Secret volume by swapping in a new file.

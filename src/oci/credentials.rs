@@ -172,10 +172,15 @@ fn credential_of(key: &str, e: RawEntry) -> Result<Option<Credential>, Error> {
         let decoded = STANDARD.decode(auth.trim()).map_err(|_| bad())?;
         let decoded = String::from_utf8(decoded).map_err(|_| bad())?;
         let (user, pass) = decoded.trim().split_once(':').ok_or_else(bad)?;
-        return Ok(Some(Credential::Basic { username: user.to_string(), password: Secret(pass.to_string()) }));
+        return Ok(Some(Credential::Basic {
+            username: user.to_string(),
+            password: Secret(pass.to_string()),
+        }));
     }
     match (nonempty(e.username), e.password) {
-        (Some(username), Some(password)) => Ok(Some(Credential::Basic { username, password: Secret(password) })),
+        (Some(username), Some(password)) => {
+            Ok(Some(Credential::Basic { username, password: Secret(password) }))
+        }
         _ => Ok(None),
     }
 }
@@ -278,7 +283,8 @@ impl CredentialStore {
 }
 
 fn read_config(path: &Path) -> Result<DockerConfig, Error> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
     DockerConfig::parse(&text)
 }
 
@@ -298,7 +304,9 @@ fn reload_if_changed(path: &Path, loaded: &mut Loaded) {
             loaded.stamp = now;
         }
         // Half-written files happen during a rotation: keep the old credentials, try again later.
-        Err(err) => tracing::warn!(file = %path.display(), error = %crate::oci::error::chain(&err), "keeping previous registry credentials"),
+        Err(err) => {
+            tracing::warn!(file = %path.display(), error = %crate::oci::error::chain(&err), "keeping previous registry credentials")
+        }
     }
 }
 
@@ -347,10 +355,14 @@ mod tests {
 
     #[test]
     fn flat_legacy_format_and_errors() {
-        let c = DockerConfig::parse(&format!(r#"{{"registry.example.com":{{"auth":"{USER_PASS}"}}}}"#)).unwrap();
+        let c =
+            DockerConfig::parse(&format!(r#"{{"registry.example.com":{{"auth":"{USER_PASS}"}}}}"#)).unwrap();
         assert_eq!(c.lookup("registry.example.com"), Some(&basic("user", "pass")));
         assert!(matches!(DockerConfig::parse("{not json"), Err(Error::Json(_))));
-        assert!(matches!(DockerConfig::parse(r#"{"auths":{"x":{"auth":"!!"}}}"#), Err(Error::AuthValue { .. })));
+        assert!(matches!(
+            DockerConfig::parse(r#"{"auths":{"x":{"auth":"!!"}}}"#),
+            Err(Error::AuthValue { .. })
+        ));
         assert!(DockerConfig::parse(r#"{"auths":{}}"#).unwrap().is_empty());
     }
 

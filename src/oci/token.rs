@@ -85,7 +85,9 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
     let get = |k: &str| params.iter().find(|(key, _)| key.eq_ignore_ascii_case(k)).map(|(_, v)| v.clone());
     match scheme.to_ascii_lowercase().as_str() {
         "basic" => Some(Challenge::Basic),
-        "bearer" => Some(Challenge::Bearer { realm: get("realm")?, service: get("service"), scope: get("scope") }),
+        "bearer" => {
+            Some(Challenge::Bearer { realm: get("realm")?, service: get("service"), scope: get("scope") })
+        }
         _ => None,
     }
 }
@@ -231,7 +233,8 @@ impl Authenticator {
 
     async fn ping(&self, host: &str) -> Result<Challenge, Error> {
         let url = self.endpoints.base_url(host).join("v2/").expect("static path");
-        let resp = self.http.get(url).send().await.map_err(|source| Error::Ping { host: host.into(), source })?;
+        let resp =
+            self.http.get(url).send().await.map_err(|source| Error::Ping { host: host.into(), source })?;
         let challenge = if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
             resp.headers()
                 .get(http::header::WWW_AUTHENTICATE)
@@ -302,16 +305,18 @@ impl Authenticator {
             }
         };
         let realm_s = realm.to_string();
-        let resp = request.send().await.map_err(|source| Error::TokenRequest { realm: realm_s.clone(), source })?;
+        let resp =
+            request.send().await.map_err(|source| Error::TokenRequest { realm: realm_s.clone(), source })?;
         if !resp.status().is_success() {
             return Err(Error::TokenRefused { realm: realm_s, status: resp.status().as_u16() });
         }
         let body: TokenResponse =
             resp.json().await.map_err(|source| Error::TokenRequest { realm: realm_s.clone(), source })?;
-        let value = body.token.or(body.access_token).filter(|t| !t.is_empty()).ok_or(Error::TokenRefused {
-            realm: realm_s,
-            status: 200,
-        })?;
+        let value = body
+            .token
+            .or(body.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or(Error::TokenRefused { realm: realm_s, status: 200 })?;
         // The spec's default lifetime is 60 s; refresh a little early so no request races expiry.
         let lifetime = Duration::from_secs(body.expires_in.unwrap_or(60).max(1));
         let margin = (lifetime / 10).min(Duration::from_secs(10));
@@ -358,7 +363,11 @@ mod tests {
         let c = parse_challenge(r#"bearer realm=https://auth.test/token, service="a\"b""#).unwrap();
         assert_eq!(
             c,
-            Challenge::Bearer { realm: "https://auth.test/token".into(), service: Some("a\"b".into()), scope: None }
+            Challenge::Bearer {
+                realm: "https://auth.test/token".into(),
+                service: Some("a\"b".into()),
+                scope: None
+            }
         );
     }
 

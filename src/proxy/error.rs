@@ -17,7 +17,9 @@ pub enum ProxyError {
         path: String,
     },
     /// The repository is neither an alias nor a mirror route.
-    #[error("repository {name:?} is not served by this proxy (use base, target or an allowed mirror reference)")]
+    #[error(
+        "repository {name:?} is not served by this proxy (use base, target or an allowed mirror reference)"
+    )]
     NameUnknown {
         /// The repository name asked for.
         name: String,

@@ -96,7 +96,11 @@ pub struct Upstream {
 
 impl Upstream {
     /// Builds the client; credentials come from `creds`, schemes from `endpoints`.
-    pub fn new(creds: Arc<CredentialStore>, endpoints: Endpoints, opts: UpstreamOptions) -> reqwest::Result<Self> {
+    pub fn new(
+        creds: Arc<CredentialStore>,
+        endpoints: Endpoints,
+        opts: UpstreamOptions,
+    ) -> reqwest::Result<Self> {
         let http = reqwest::Client::builder()
             .connect_timeout(opts.connect_timeout)
             .read_timeout(opts.read_timeout)

@@ -70,13 +70,13 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, req: Request) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let (resp, error) = match proxy.serve(req).await {
-        Ok(r) => (r, ""),
+        Ok(r) => (r, None),
         Err(e) => {
             if e.status_and_code().0.is_server_error() {
                 tracing::warn!(%method, %path, error = %chain(&e), "upstream failure");
             }
             let label = e.label();
-            (e.into_response(), label)
+            (e.into_response(), Some(label))
         }
     };
     tracing::info!(
@@ -93,7 +93,9 @@ pub async fn handle(State(proxy): State<Arc<Proxy>>, req: Request) -> Response {
 impl Proxy {
     async fn serve(&self, req: Request) -> Result<Response, ProxyError> {
         if req.uri().scheme().is_some() || req.uri().authority().is_some() {
-            return Err(ProxyError::NameInvalid { reason: "absolute-form request targets are not accepted".into() });
+            return Err(ProxyError::NameInvalid {
+                reason: "absolute-form request targets are not accepted".into(),
+            });
         }
         let route = route(req.method(), req.uri().path())?;
         let (parts, body) = req.into_parts();
@@ -118,8 +120,11 @@ impl Proxy {
                 let push = method == Method::PUT;
                 if push {
                     self.writable(a)?;
-                    if matches!(reference, ManifestRef::Tag(_)) && matches!(t.planned, ManifestRef::Digest(_)) {
-                        return Err(ProxyError::Denied { reason: format!("{} is pinned to a digest", a.name()) });
+                    if matches!(reference, ManifestRef::Tag(_)) && matches!(t.planned, ManifestRef::Digest(_))
+                    {
+                        return Err(ProxyError::Denied {
+                            reason: format!("{} is pinned to a digest", a.name()),
+                        });
                     }
                 }
                 // Tags are forced to the planned reference; digests pass (index children).
@@ -135,13 +140,16 @@ impl Proxy {
             Route::Blob { repo: Repo::Alias(a), digest } => {
                 let t = self.alias(a)?;
                 let url = self.url(&t.host, &format!("{}/blobs/{digest}", t.repository));
-                let resp = self.upstream.send(send(&t.host, url, vec![repository_scope(&t.repository, false)], None)).await?;
+                let resp = self
+                    .upstream
+                    .send(send(&t.host, url, vec![repository_scope(&t.repository, false)], None))
+                    .await?;
                 Ok(self.alias_response(a, t, resp, head, None))
             }
             Route::UploadStart(a) => {
                 let t = self.alias(a)?;
                 self.writable(a)?;
-                let (pairs, mut scopes) = self.upload_query(t, &query)?;
+                let UploadQuery { pairs, mut scopes } = self.upload_query(t, &query)?;
                 scopes.insert(0, repository_scope(&t.repository, true));
                 let mut url = self.url(&t.host, &format!("{}/blobs/uploads/", t.repository));
                 if !pairs.is_empty() {
@@ -161,7 +169,8 @@ impl Proxy {
                 let mut out = send(&t.host, url, vec![repository_scope(&t.repository, true)], body);
                 // Credentials go only to the registry itself, never to a storage URL it redirects
                 // uploads to (such URLs carry their own signature).
-                out.authorize = out.url.host_str().zip(self.upstream_host(&t.host)).is_some_and(|(a, b)| a == b);
+                out.authorize =
+                    out.url.host_str().zip(self.upstream_host(&t.host)).is_some_and(|(a, b)| a == b);
                 let resp = self.upstream.send(out).await?;
                 Ok(self.alias_response(a, t, resp, head, Some(&id)))
             }
@@ -170,11 +179,18 @@ impl Proxy {
                     return Err(denied_mirror(&host, &repository, reference.as_str()));
                 }
                 let url = self.url(&host, &format!("{repository}/manifests/{}", reference.as_str()));
-                let resp = self.upstream.send(send(&host, url, vec![repository_scope(&repository, false)], None)).await?;
+                let resp = self
+                    .upstream
+                    .send(send(&host, url, vec![repository_scope(&repository, false)], None))
+                    .await?;
                 if !resp.status().is_success() {
                     return Ok(forward::response(resp, head));
                 }
-                let own = resp.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).map(str::to_string);
+                let own = resp
+                    .headers()
+                    .get("docker-content-digest")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
                 if head {
                     self.mirror.learn(&host, &repository, own.as_deref(), None);
                     return Ok(forward::response(resp, true));
@@ -189,7 +205,10 @@ impl Proxy {
                     return Err(denied_mirror(&host, &repository, &digest));
                 }
                 let url = self.url(&host, &format!("{repository}/blobs/{digest}"));
-                let resp = self.upstream.send(send(&host, url, vec![repository_scope(&repository, false)], None)).await?;
+                let resp = self
+                    .upstream
+                    .send(send(&host, url, vec![repository_scope(&repository, false)], None))
+                    .await?;
                 Ok(forward::response(resp, head))
             }
         }
@@ -223,7 +242,7 @@ impl Proxy {
     /// The upstream query of an upload start: `mount`/`from` rewritten from an alias to its real
     /// repository when both live on one registry (else dropped: the client gets a plain upload),
     /// and `digest` for monolithic uploads. Returns the extra token scopes the mount needs.
-    fn upload_query(&self, t: &AliasTarget, query: &str) -> Result<(Vec<(&'static str, String)>, Vec<String>), ProxyError> {
+    fn upload_query(&self, t: &AliasTarget, query: &str) -> Result<UploadQuery, ProxyError> {
         let mut pairs = Vec::new();
         let mut scopes = Vec::new();
         if let (Some(mount), Some(from)) = (query_value(query, "mount"), query_value(query, "from")) {
@@ -239,14 +258,16 @@ impl Proxy {
                     pairs.push(("mount", mount));
                     pairs.push(("from", src.repository.clone()));
                 }
-                _ => tracing::debug!(%from, "cross-repository mount not possible; answering as a plain upload"),
+                _ => {
+                    tracing::debug!(%from, "cross-repository mount not possible; answering as a plain upload")
+                }
             }
         }
         if let Some(d) = query_value(query, "digest") {
             check_digest(&d)?;
             pairs.push(("digest", d));
         }
-        Ok((pairs, scopes))
+        Ok(UploadQuery { pairs, scopes })
     }
 
     /// The client's response for an alias request: upload URLs become proxy sessions, other
@@ -293,6 +314,12 @@ impl Proxy {
     }
 }
 
+/// The upstream query pairs of an upload start and the extra scopes they need.
+struct UploadQuery {
+    pairs: Vec<(&'static str, String)>,
+    scopes: Vec<String>,
+}
+
 fn ping() -> Response {
     let mut r = (StatusCode::OK, "{}").into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -301,7 +328,9 @@ fn ping() -> Response {
 }
 
 fn denied_mirror(host: &str, repository: &str, reference: &str) -> ProxyError {
-    ProxyError::Denied { reason: format!("{host}/{repository} {reference} is not a declared FROM image of this build") }
+    ProxyError::Denied {
+        reason: format!("{host}/{repository} {reference} is not a declared FROM image of this build"),
+    }
 }
 
 /// The body to stream upstream, or `None` when the request has none (so it may be replayed).

@@ -43,7 +43,11 @@ impl MirrorPolicy {
         &self.refs
     }
 
-    fn declared<'a>(&'a self, host: &'a str, repository: &'a str) -> impl Iterator<Item = &'a Reference> + 'a {
+    fn declared<'a>(
+        &'a self,
+        host: &'a str,
+        repository: &'a str,
+    ) -> impl Iterator<Item = &'a Reference> + 'a {
         let host = normalize_key(host);
         self.refs.iter().filter(move |r| normalize_key(r.registry()) == host && r.repository() == repository)
     }

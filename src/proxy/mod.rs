@@ -150,7 +150,11 @@ impl ProxyArgs {
             (None, None) => Ok(CredentialStore::anonymous()),
         }
         .map_err(Error::Credentials)?;
-        let opts = UpstreamOptions { read_timeout: self.upstream_timeout, retries: self.retries, ..Default::default() };
+        let opts = UpstreamOptions {
+            read_timeout: self.upstream_timeout,
+            retries: self.retries,
+            ..Default::default()
+        };
         let endpoints = Endpoints::new(&self.insecure_registries);
         tracing::info!(
             base = ?base, target = ?target, base_read_only = self.base_read_only,
@@ -170,7 +174,8 @@ impl ProxyArgs {
 
     fn socket_addr(&self) -> Result<SocketAddr, Error> {
         let addr = self.addr.trim().trim_start_matches("http://");
-        let addr = addr.strip_prefix("localhost:").map(|p| format!("127.0.0.1:{p}")).unwrap_or(addr.to_string());
+        let addr =
+            addr.strip_prefix("localhost:").map(|p| format!("127.0.0.1:{p}")).unwrap_or(addr.to_string());
         addr.parse().map_err(|_| Error::Address { addr: self.addr.clone() })
     }
 }
@@ -187,7 +192,8 @@ pub async fn run(args: ProxyArgs) -> Result<(), Error> {
         return check(addr).await;
     }
     let proxy = Arc::new(args.build()?);
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
     let local = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
     // Tests and `bob run` read the real port from this line when they ask for port 0.
     tracing::info!("bob proxy listening on http://{local}");
@@ -211,7 +217,8 @@ async fn shutdown() {
 }
 
 async fn check(addr: SocketAddr) -> Result<(), Error> {
-    let probe = if addr.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], addr.port())) } else { addr };
+    let probe =
+        if addr.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], addr.port())) } else { addr };
     let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().map_err(Error::Client)?;
     match client.get(format!("http://{probe}/v2/")).send().await {
         Ok(r) if r.status().is_success() => Ok(()),

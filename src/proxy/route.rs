@@ -187,7 +187,9 @@ fn repo_of(name: &[&str]) -> Result<Repo, ProxyError> {
         })?;
         let repository = name[2..].join("/");
         if !name[2..].iter().all(|c| valid_component(c)) {
-            return Err(ProxyError::NameInvalid { reason: format!("invalid repository name {repository:?}") });
+            return Err(ProxyError::NameInvalid {
+                reason: format!("invalid repository name {repository:?}"),
+            });
         }
         return Ok(Repo::Mirror { host, repository });
     }
@@ -235,7 +237,11 @@ fn manifest_ref(r: &str) -> Result<ManifestRef, ProxyError> {
         && b.len() <= 128
         && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
         && b.iter().all(|x| x.is_ascii_alphanumeric() || b"._-".contains(x));
-    if ok { Ok(ManifestRef::Tag(r.to_string())) } else { Err(ProxyError::NameInvalid { reason: format!("invalid tag {r:?}") }) }
+    if ok {
+        Ok(ManifestRef::Tag(r.to_string()))
+    } else {
+        Err(ProxyError::NameInvalid { reason: format!("invalid tag {r:?}") })
+    }
 }
 
 /// Validates a digest (`sha256:` or `sha512:` with lowercase hex of the right length).
@@ -269,7 +275,10 @@ mod tests {
         assert_eq!(ok(Method::GET, "/v2/"), Route::Ping);
         assert_eq!(
             ok(Method::PUT, "/v2/target/manifests/latest"),
-            Route::Manifest { repo: Repo::Alias(Alias::Target), reference: ManifestRef::Tag("latest".into()) }
+            Route::Manifest {
+                repo: Repo::Alias(Alias::Target),
+                reference: ManifestRef::Tag("latest".into())
+            }
         );
         assert_eq!(
             ok(Method::HEAD, &format!("/v2/base/manifests/{D}")),
@@ -292,7 +301,10 @@ mod tests {
         assert_eq!(
             ok(Method::GET, "/v2/mirror/registry.test__5000/library/busybox/manifests/1.36"),
             Route::Manifest {
-                repo: Repo::Mirror { host: "registry.test:5000".into(), repository: "library/busybox".into() },
+                repo: Repo::Mirror {
+                    host: "registry.test:5000".into(),
+                    repository: "library/busybox".into()
+                },
                 reference: ManifestRef::Tag("1.36".into()),
             }
         );
@@ -314,7 +326,8 @@ mod tests {
     #[test]
     fn refusals_name_the_reason() {
         use ProxyError::*;
-        let cases: Vec<(Method, &str, fn(&ProxyError) -> bool)> = vec![
+        type Check = fn(&ProxyError) -> bool;
+        let cases: Vec<(Method, &str, Check)> = vec![
             (Method::GET, "/v2/other/manifests/latest", |e| matches!(e, NameUnknown { .. })),
             (Method::GET, "/v2/base/x/manifests/latest", |e| matches!(e, NameUnknown { .. })),
             (Method::GET, "/v2/base/../other/manifests/latest", |e| matches!(e, NameInvalid { .. })),
@@ -322,7 +335,11 @@ mod tests {
             (Method::GET, "/v2/base//manifests/latest", |e| matches!(e, NameInvalid { .. })),
             (Method::GET, "/v2/base/./manifests/latest", |e| matches!(e, NameInvalid { .. })),
             (Method::DELETE, "/v2/target/manifests/latest", |e| matches!(e, MethodNotAllowed { .. })),
-            (Method::DELETE, &"/v2/base/blobs/sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef", |e| matches!(e, MethodNotAllowed { .. })),
+            (
+                Method::DELETE,
+                "/v2/base/blobs/sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+                |e| matches!(e, MethodNotAllowed { .. }),
+            ),
             (Method::GET, "/v2/base/tags/list", |e| matches!(e, NotFound { .. })),
             (Method::GET, "/v2/_catalog", |e| matches!(e, NotFound { .. })),
             (Method::GET, "/base/artifacts-uploads/x", |e| matches!(e, NotFound { .. })),

@@ -89,7 +89,8 @@ impl Uploads {
     fn new_id(&self) -> String {
         // Two SipHash outputs under fresh random keys: unguessable without a new dependency.
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
         let a = RandomState::new().hash_one((n, nanos, std::process::id()));
         let b = RandomState::new().hash_one((nanos, n));
         format!("{a:016x}{b:016x}")

@@ -89,7 +89,10 @@ pub fn index(images: &[(&Image, &str)]) -> Blob {
                    "platform": {"architecture": arch, "os": "linux"}})
         })
         .collect();
-    Blob::new(serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests})).unwrap())
+    Blob::new(
+        serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}))
+            .unwrap(),
+    )
 }
 
 /// Writes an OCI image layout holding `image` under `tag` (for `skopeo copy oci:<dir>:<tag>`).
@@ -109,11 +112,14 @@ pub fn write_layout(dir: &Path, tag: &str, images: &[&Image], index_blob: Option
             put(&ix.bytes);
             json!({"mediaType": OCI_INDEX, "digest": ix.digest, "size": ix.bytes.len()})
         }
-        None => json!({"mediaType": OCI_MANIFEST, "digest": images[0].digest, "size": images[0].manifest.len()}),
+        None => {
+            json!({"mediaType": OCI_MANIFEST, "digest": images[0].digest, "size": images[0].manifest.len()})
+        }
     };
     let mut top = top;
     top["annotations"] = json!({"org.opencontainers.image.ref.name": tag});
-    std::fs::write(dir.join("index.json"), json!({"schemaVersion": 2, "manifests": [top]}).to_string()).unwrap();
+    std::fs::write(dir.join("index.json"), json!({"schemaVersion": 2, "manifests": [top]}).to_string())
+        .unwrap();
     std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
 }
 
@@ -137,8 +143,18 @@ impl Direct {
         Direct { host: host.to_string(), http, auth }
     }
 
-    async fn req(&self, method: reqwest::Method, repo: &str, path: &str, push: bool) -> reqwest::RequestBuilder {
-        let url = if path.starts_with("http") { path.to_string() } else { format!("http://{}/v2/{repo}/{path}", self.host) };
+    async fn req(
+        &self,
+        method: reqwest::Method,
+        repo: &str,
+        path: &str,
+        push: bool,
+    ) -> reqwest::RequestBuilder {
+        let url = if path.starts_with("http") {
+            path.to_string()
+        } else {
+            format!("http://{}/v2/{repo}/{path}", self.host)
+        };
         let mut r = self.http.request(method, url);
         if let Some(h) = self.auth.authorization(&self.host, &[repository_scope(repo, push)]).await.unwrap() {
             r = r.header("authorization", h);
@@ -157,7 +173,13 @@ impl Direct {
         let loc = if loc.starts_with('/') { format!("http://{}{loc}", self.host) } else { loc };
         let sep = if loc.contains('?') { '&' } else { '?' };
         let url = format!("{loc}{sep}digest={}", blob.digest);
-        let r = self.req(reqwest::Method::PUT, repo, &url, true).await.body(blob.bytes.clone()).send().await.unwrap();
+        let r = self
+            .req(reqwest::Method::PUT, repo, &url, true)
+            .await
+            .body(blob.bytes.clone())
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 201, "blob put on {repo}: {}", r.text().await.unwrap_or_default());
     }
 
@@ -201,7 +223,12 @@ impl Direct {
 
     /// Whether a blob exists.
     pub async fn blob_exists(&self, repo: &str, digest: &str) -> bool {
-        let r = self.req(reqwest::Method::HEAD, repo, &format!("blobs/{digest}"), false).await.send().await.unwrap();
+        let r = self
+            .req(reqwest::Method::HEAD, repo, &format!("blobs/{digest}"), false)
+            .await
+            .send()
+            .await
+            .unwrap();
         r.status() == 200
     }
 }

@@ -1,7 +1,7 @@
 //! Test helpers: a real `docker-registry` per test (no auth, htpasswd, or token auth with an
 //! in-process token server), a `bob proxy` process, and small OCI images made without internet.
 //! Every process listens on a free port and is killed when its guard drops, even on panic.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod images;
 pub mod token;

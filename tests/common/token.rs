@@ -55,14 +55,18 @@ impl TokenServer {
         super::require("openssl", "openssl");
         let dir = tempfile::tempdir().unwrap();
         let (key, cert) = (dir.path().join("key.pem"), dir.path().join("cert.pem"));
-        super::run_ok(Command::new("openssl").args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]).args([
-            "-subj",
-            "/CN=test-token-issuer",
-            "-keyout",
-            key.to_str().unwrap(),
-            "-out",
-            cert.to_str().unwrap(),
-        ]));
+        super::run_ok(
+            Command::new("openssl")
+                .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"])
+                .args([
+                    "-subj",
+                    "/CN=test-token-issuer",
+                    "-keyout",
+                    key.to_str().unwrap(),
+                    "-out",
+                    cert.to_str().unwrap(),
+                ]),
+        );
         let key_der = pem_body(&std::fs::read_to_string(&key).unwrap());
         let cert_der = pem_body(&std::fs::read_to_string(&cert).unwrap());
         let inner = Arc::new(Inner {
@@ -76,7 +80,9 @@ impl TokenServer {
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = Router::new().route("/token", axum::routing::get(get_token).post(post_token)).with_state(inner.clone());
+        let app = Router::new()
+            .route("/token", axum::routing::get(get_token).post(post_token))
+            .with_state(inner.clone());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -139,8 +145,12 @@ async fn get_token(State(s): State<Arc<Inner>>, headers: HeaderMap, RawQuery(q):
 }
 
 async fn post_token(State(s): State<Arc<Inner>>, body: String) -> Response {
-    let field = |k: &str| url::form_urlencoded::parse(body.as_bytes()).find(|(key, _)| key == k).map(|(_, v)| v.into_owned());
-    if field("grant_type").as_deref() != Some("refresh_token") || field("refresh_token") != Some(s.refresh_token.clone()) {
+    let field = |k: &str| {
+        url::form_urlencoded::parse(body.as_bytes()).find(|(key, _)| key == k).map(|(_, v)| v.into_owned())
+    };
+    if field("grant_type").as_deref() != Some("refresh_token")
+        || field("refresh_token") != Some(s.refresh_token.clone())
+    {
         return StatusCode::UNAUTHORIZED.into_response();
     }
     let scopes = scopes_of(&body, "scope");
