@@ -59,7 +59,8 @@ async fn large_blob_streams_both_ways_with_flat_proxy_memory() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn chunked_upload_with_content_range_goes_through_issued_sessions() {
-    let reg = Registry::start(RegistryAuth::Basic { user: "c", password: "chunk-pass" });
+    // Relative upload URLs from the registry (absolute ones are what every other test gets).
+    let reg = Registry::start_with(RegistryAuth::Basic { user: "c", password: "chunk-pass" }, true);
     let creds = docker_config(&reg.host, "c", "chunk-pass");
     let proxy = ProxyProc::start(&[("BOB_PROXY_TARGET_REF", &reg.repo("ws:t")), ("BOB_AUTH", &creds)]);
     let data = pseudo_random(99, 3 * 1024 * 1024 + 17);

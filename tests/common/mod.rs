@@ -126,6 +126,11 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry with the given authentication.
     pub fn start(auth: RegistryAuth<'_>) -> Self {
+        Self::start_with(auth, false)
+    }
+
+    /// Starts a registry; with `relative_urls` its upload `Location`s are paths, not URLs.
+    pub fn start_with(auth: RegistryAuth<'_>, relative_urls: bool) -> Self {
         init();
         require("docker-registry", "docker-registry");
         let dir = tempfile::tempdir().unwrap();
@@ -154,7 +159,7 @@ impl Registry {
         let cfg = dir.path().join("config.yml");
         std::fs::write(&cfg, config).unwrap();
         let mut cmd = Command::new("docker-registry");
-        cmd.arg("serve").arg(&cfg);
+        cmd.arg("serve").arg(&cfg).env("REGISTRY_HTTP_RELATIVEURLS", relative_urls.to_string());
         let (proc, line) = Proc::spawn_until(cmd, "listening on", Duration::from_secs(20));
         Registry { host: listen_addr(&line), proc, _dir: dir }
     }
