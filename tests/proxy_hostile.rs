@@ -45,6 +45,12 @@ async fn upstream_handler(State(s): State<Arc<Upstream>>, req: Request) -> Respo
                 .into_response()
         }
         "/v2/down/manifests/t" => unavailable(),
+        "/v2/html/manifests/t" => (
+            axum::http::StatusCode::BAD_GATEWAY,
+            [("content-type", "text/html"), ("retry-after", "1")],
+            "<html>bad gateway</html>",
+        )
+            .into_response(),
         "/v2/slow/manifests/t" => {
             tokio::time::sleep(Duration::from_secs(10)).await;
             "{}".into_response()
@@ -169,6 +175,20 @@ async fn persistent_5xx_keeps_its_status_and_json_after_bounded_retries() {
     assert_eq!(r.status(), 503, "the upstream's status is kept, not a blanket 502");
     assert_eq!(code_of(&r.text().await.unwrap()), "UNAVAILABLE");
     assert_eq!(state.requests.load(Ordering::SeqCst), 3, "1 try + 2 retries");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn non_registry_error_pages_become_registry_errors_with_their_status() {
+    let (up, _) = start_upstream().await;
+    let mut a = args(&up, "html");
+    a.retries = 0;
+    let proxy = start_proxy(a).await;
+    let r = reqwest::get(format!("http://{proxy}/v2/target/manifests/latest")).await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let body = r.text().await.unwrap();
+    assert_eq!(code_of(&body), "UNAVAILABLE");
+    assert!(body.contains("answered 502"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

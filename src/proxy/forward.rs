@@ -10,7 +10,8 @@ use axum::response::Response;
 use http::{HeaderMap, HeaderName, Method, StatusCode, header};
 use url::Url;
 
-use super::error::ProxyError;
+use super::error::{ProxyError, envelope};
+use crate::oci::ErrorCode;
 use crate::oci::token::Authenticator;
 use crate::oci::{CredentialStore, Endpoints};
 
@@ -203,11 +204,39 @@ pub fn request_headers(client: &HeaderMap) -> HeaderMap {
 /// Turns an upstream response into the client's, streaming its body; `Location` is left out
 /// for the caller to rewrite.
 pub fn response(resp: reqwest::Response, head_only: bool) -> Response {
+    let status = resp.status();
+    let json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("json"));
+    if (status.is_client_error() || status.is_server_error()) && !json && !head_only {
+        // A load balancer's HTML error page is not something a registry client can read.
+        let host = resp.url().host_str().unwrap_or("upstream").to_string();
+        let mut out =
+            envelope(status, code_for(status), format!("upstream registry {host} answered {status}"));
+        if let Some(v) = resp.headers().get(header::RETRY_AFTER) {
+            out.headers_mut().insert(header::RETRY_AFTER, v.clone());
+        }
+        return out;
+    }
     let mut out = response_head(&resp);
     if !head_only {
         *out.body_mut() = Body::from_stream(resp.bytes_stream());
     }
     out
+}
+
+/// The spec code that best names an upstream status without a registry error body.
+fn code_for(status: StatusCode) -> ErrorCode {
+    match status.as_u16() {
+        401 => ErrorCode::Unauthorized,
+        403 => ErrorCode::Denied,
+        404 => ErrorCode::NameUnknown,
+        429 => ErrorCode::Toomanyrequests,
+        s if s >= 500 => ErrorCode::Unavailable,
+        _ => ErrorCode::Unknown,
+    }
 }
 
 /// An upstream response whose body is read (manifests the mirror must inspect), capped at
