@@ -267,11 +267,6 @@ impl CredentialStore {
         (loaded.config.lookup(host).cloned(), loaded.generation)
     }
 
-    /// Whether any registry has credentials (for the start-up log line).
-    pub fn is_empty(&self) -> bool {
-        self.loaded.lock().unwrap_or_else(|e| e.into_inner()).config.is_empty()
-    }
-
     /// A short description of where credentials come from, without any secret.
     pub fn describe(&self) -> String {
         match &self.source {
