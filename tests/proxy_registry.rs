@@ -120,6 +120,15 @@ async fn skopeo_copies_a_two_platform_index_through_the_proxy() {
     }
 }
 
+/// skopeo copies `base` to `target`, both through the proxy.
+fn copy_base_to_target(proxy: &ProxyProc) {
+    skopeo_copy(
+        &format!("docker://{}/base:x", proxy.addr),
+        &format!("docker://{}/target:y", proxy.addr),
+        false,
+    );
+}
+
 async fn raw_mount(proxy: &ProxyProc, digest: &str) -> reqwest::Response {
     reqwest::Client::new()
         .post(format!("{}/v2/target/blobs/uploads/?mount={digest}&from=base", proxy.url()))
@@ -147,11 +156,7 @@ async fn same_registry_mount_is_rewritten_to_the_real_repository() {
     assert_eq!(r.headers()["location"], format!("/v2/target/blobs/{layer}").as_str());
     assert!(direct.blob_exists("workspace-images", layer).await);
     // A whole copy base -> target with skopeo lands at the planned tag with the same digest.
-    skopeo_copy(
-        &format!("docker://{}/base:x", proxy.addr),
-        &format!("docker://{}/target:y", proxy.addr),
-        false,
-    );
+    copy_base_to_target(&proxy);
     assert_eq!(direct.manifest_digest("workspace-images", "ws1").await, Some(img.digest));
 }
 
@@ -184,11 +189,7 @@ async fn cross_registry_mount_falls_back_to_a_plain_upload() {
     assert_eq!(put.status(), 201);
     let direct_b = Direct::new(&b.host, Some(&creds));
     assert!(direct_b.blob_exists("ws", &layer.digest).await);
-    skopeo_copy(
-        &format!("docker://{}/base:x", proxy.addr),
-        &format!("docker://{}/target:y", proxy.addr),
-        false,
-    );
+    copy_base_to_target(&proxy);
     assert_eq!(direct_b.manifest_digest("ws", "t").await, Some(img.digest));
 }
 
