@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use crate::copy::CopyArgs;
 use crate::proxy::ProxyArgs;
 
 /// bob: a Kubernetes-native builder of workspace images.
@@ -21,6 +22,8 @@ pub struct Cli {
 pub enum Command {
     /// Registry proxy of the build pod: holds the credentials, maps `base`/`target`, mirrors `FROM`s.
     Proxy(ProxyArgs),
+    /// Copy an image (or a whole index) between registries, keeping its digest.
+    Copy(CopyArgs),
 }
 
 /// Parses durations such as `500ms`, `30s`, `5m`, `1h` (a bare number means seconds).
@@ -58,7 +61,7 @@ mod tests {
         for sub in cmd.get_subcommands() {
             for arg in sub.get_arguments() {
                 let id = arg.get_id().as_str();
-                if matches!(id, "help" | "version" | "check") {
+                if matches!(id, "help" | "version" | "check") || arg.is_positional() {
                     continue;
                 }
                 assert!(arg.get_help().is_some(), "{} --{id} has no help", sub.get_name());

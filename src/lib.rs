@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod copy;
 pub mod oci;
 pub mod proxy;
 pub mod telemetry;

@@ -20,6 +20,7 @@ fn main() -> ExitCode {
     let result: anyhow::Result<()> = runtime.block_on(async {
         match cli.command {
             Command::Proxy(args) => bob::proxy::run(args).await?,
+            Command::Copy(args) => bob::copy::run(args).await?,
         }
         Ok(())
     });
@@ -27,7 +28,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bob: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// The exit code for an error: the subcommand's own classes where it has them, else 1.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    e.downcast_ref::<bob::copy::Error>().map_or(1, bob::copy::Error::exit_code)
 }

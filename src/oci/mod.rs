@@ -1,10 +1,14 @@
 //! Registry plumbing shared by every registry client in bob: the plain-HTTP rule, docker
 //! credentials, the token flow and the distribution-spec error format.
 
+pub mod client;
+pub mod copy;
 pub mod credentials;
 pub mod endpoint;
 pub mod error;
+pub mod manifest;
 pub mod token;
+pub mod transport;
 
 pub use credentials::{Credential, CredentialStore, Secret};
 pub use endpoint::Endpoints;

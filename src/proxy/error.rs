@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, Method, StatusCode, header};
 
 use crate::oci::error::{ErrorCode, RegistryError, chain};
-use crate::oci::token;
+use crate::oci::{token, transport};
 
 /// Why the proxy answered a request itself.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +90,18 @@ pub enum ProxyError {
         /// The limit in bytes.
         limit: usize,
     },
+}
+
+impl From<transport::Error> for ProxyError {
+    fn from(e: transport::Error) -> Self {
+        match e {
+            transport::Error::Unreachable { host, source } => ProxyError::Unreachable { host, source },
+            transport::Error::Timeout { host, source } => ProxyError::Timeout { host, source },
+            transport::Error::Auth { host, source } => ProxyError::Auth { host, source },
+            // Built once at start-up; a request never produces it.
+            transport::Error::Client(source) => ProxyError::Unreachable { host: "client".into(), source },
+        }
+    }
 }
 
 impl ProxyError {

@@ -1,19 +1,13 @@
-//! The upstream side: one request to the real registry with credentials attached, retried when
-//! that is safe (bodiless GET/HEAD on connection errors, 5xx and 429; one re-auth on 401), with
-//! bodies streamed both ways and only the registry headers that matter passed on.
-
-use std::sync::Arc;
-use std::time::Duration;
+//! The proxy's side of upstream traffic: which client headers may go upstream, and how an
+//! upstream response becomes the client's (streamed, registry headers only, errors as envelopes).
+//! Sending itself (credentials, retries) is `oci::transport`, shared with `bob copy`.
 
 use axum::body::Body;
 use axum::response::Response;
-use http::{HeaderMap, HeaderName, Method, StatusCode, header};
-use url::Url;
+use http::{HeaderMap, HeaderName, StatusCode, header};
 
 use super::error::{ProxyError, envelope};
 use crate::oci::ErrorCode;
-use crate::oci::token::Authenticator;
-use crate::oci::{CredentialStore, Endpoints};
 
 /// Request headers a client may send upstream. Everything else (Authorization, Cookie,
 /// hop-by-hop and forwarding headers) is dropped.
@@ -44,151 +38,6 @@ const RESPONSE_HEADERS: &[&str] = &[
     "oci-filters-applied",
     "retry-after",
 ];
-
-/// Tunables of the upstream client.
-#[derive(Clone, Debug)]
-pub struct UpstreamOptions {
-    /// Longest wait for a connection.
-    pub connect_timeout: Duration,
-    /// Longest silence while reading a response (also bounds a stalled upload's answer).
-    pub read_timeout: Duration,
-    /// Retries of idempotent requests.
-    pub retries: u32,
-    /// First backoff; doubles on each retry.
-    pub backoff: Duration,
-}
-
-impl Default for UpstreamOptions {
-    fn default() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(10),
-            read_timeout: Duration::from_secs(120),
-            retries: 3,
-            backoff: Duration::from_millis(200),
-        }
-    }
-}
-
-/// A request to send upstream.
-pub struct Outgoing {
-    /// The method.
-    pub method: Method,
-    /// The registry host as in the reference (credential and challenge key).
-    pub host: String,
-    /// The full upstream URL.
-    pub url: Url,
-    /// The filtered client headers.
-    pub headers: HeaderMap,
-    /// The client's body, streamed; `None` for bodiless requests (which may be replayed).
-    pub body: Option<Body>,
-    /// Token scopes the request needs.
-    pub scopes: Vec<String>,
-    /// Whether to attach credentials (false for URLs on another host than the registry).
-    pub authorize: bool,
-}
-
-/// The client for upstream registries.
-pub struct Upstream {
-    http: reqwest::Client,
-    auth: Authenticator,
-    endpoints: Endpoints,
-    opts: UpstreamOptions,
-}
-
-impl Upstream {
-    /// Builds the client; credentials come from `creds`, schemes from `endpoints`.
-    pub fn new(
-        creds: Arc<CredentialStore>,
-        endpoints: Endpoints,
-        opts: UpstreamOptions,
-    ) -> reqwest::Result<Self> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(opts.connect_timeout)
-            .read_timeout(opts.read_timeout)
-            // Blob GETs may be redirected to storage; reqwest drops Authorization across hosts.
-            .redirect(reqwest::redirect::Policy::limited(5))
-            .user_agent(concat!("bob/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        let auth = Authenticator::new(http.clone(), creds, endpoints.clone());
-        Ok(Self { http, auth, endpoints, opts })
-    }
-
-    /// The scheme rule in force.
-    pub fn endpoints(&self) -> &Endpoints {
-        &self.endpoints
-    }
-
-    /// Sends a request upstream; the response's body is not read.
-    pub async fn send(&self, out: Outgoing) -> Result<reqwest::Response, ProxyError> {
-        let Outgoing { method, host, url, headers, mut body, mut scopes, authorize } = out;
-        let replayable = body.is_none();
-        let idempotent = method == Method::GET || method == Method::HEAD;
-        let mut attempt = 0u32;
-        let mut reauthed = false;
-        loop {
-            let auth = if authorize {
-                self.auth
-                    .authorization(&host, &scopes)
-                    .await
-                    .map_err(|source| ProxyError::Auth { host: host.clone(), source })?
-            } else {
-                None
-            };
-            let mut req = self.http.request(method.clone(), url.clone()).headers(headers.clone());
-            if let Some(a) = auth {
-                req = req.header(header::AUTHORIZATION, a);
-            }
-            if let Some(b) = body.take() {
-                req = req.body(reqwest::Body::wrap_stream(b.into_data_stream()));
-            }
-            let result = req.send().await;
-            let can_retry = idempotent && replayable && attempt < self.opts.retries;
-            match result {
-                Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED => {
-                    let extra = self.auth.unauthorized(&host, resp.headers().get(header::WWW_AUTHENTICATE));
-                    if replayable && !reauthed {
-                        reauthed = true;
-                        for s in extra {
-                            if !scopes.contains(&s) {
-                                scopes.push(s);
-                            }
-                        }
-                        continue;
-                    }
-                    return Ok(resp);
-                }
-                Ok(resp) if can_retry && retryable(resp.status()) => {
-                    let wait = retry_after(resp.headers()).unwrap_or(self.backoff(attempt));
-                    tracing::debug!(%host, status = resp.status().as_u16(), attempt, "retrying upstream request");
-                    drop(resp);
-                    tokio::time::sleep(wait).await;
-                    attempt += 1;
-                }
-                Ok(resp) => return Ok(resp),
-                Err(e) if can_retry && (e.is_connect() || e.is_timeout() || e.is_request()) => {
-                    tracing::debug!(%host, attempt, error = %crate::oci::error::chain(&e), "retrying upstream request");
-                    tokio::time::sleep(self.backoff(attempt)).await;
-                    attempt += 1;
-                }
-                Err(source) if source.is_timeout() => return Err(ProxyError::Timeout { host, source }),
-                Err(source) => return Err(ProxyError::Unreachable { host, source }),
-            }
-        }
-    }
-
-    fn backoff(&self, attempt: u32) -> Duration {
-        (self.opts.backoff * 2u32.saturating_pow(attempt)).min(Duration::from_secs(10))
-    }
-}
-
-fn retryable(status: StatusCode) -> bool {
-    matches!(status.as_u16(), 429 | 500 | 502 | 503 | 504)
-}
-
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let secs: u64 = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
-    Some(Duration::from_secs(secs.min(10)))
-}
 
 /// The client headers that may go upstream.
 pub fn request_headers(client: &HeaderMap) -> HeaderMap {
@@ -294,16 +143,5 @@ mod tests {
         assert_eq!(out.len(), 3);
         assert_eq!(out.get_all(header::ACCEPT).iter().count(), 2);
         assert!(out.get(header::AUTHORIZATION).is_none() && out.get(header::HOST).is_none());
-    }
-
-    #[test]
-    fn retry_policy() {
-        assert!(retryable(StatusCode::SERVICE_UNAVAILABLE) && retryable(StatusCode::TOO_MANY_REQUESTS));
-        assert!(!retryable(StatusCode::NOT_FOUND) && !retryable(StatusCode::UNAUTHORIZED));
-        let mut h = HeaderMap::new();
-        h.insert(header::RETRY_AFTER, "3".parse().unwrap());
-        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
-        h.insert(header::RETRY_AFTER, "3600".parse().unwrap());
-        assert_eq!(retry_after(&h), Some(Duration::from_secs(10)), "capped");
     }
 }

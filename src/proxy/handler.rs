@@ -13,13 +13,14 @@ use sha2::{Digest, Sha256};
 use url::Url;
 
 use super::error::ProxyError;
-use super::forward::{self, Outgoing, Upstream, request_headers};
+use super::forward::{self, request_headers};
 use super::mirror::MirrorPolicy;
 use super::route::{Alias, ManifestRef, Repo, Route, route};
 use super::uploads::Uploads;
 use crate::oci::Reference;
 use crate::oci::error::chain;
 use crate::oci::token::repository_scope;
+use crate::oci::transport::{self, Transport};
 
 /// The mirror inspects manifests it serves; distribution itself caps manifests at 4 MiB.
 const MANIFEST_LIMIT: usize = 4 << 20;
@@ -60,7 +61,7 @@ pub struct Proxy {
     pub(super) target: Option<AliasTarget>,
     pub(super) base_read_only: bool,
     pub(super) mirror: MirrorPolicy,
-    pub(super) upstream: Upstream,
+    pub(super) upstream: Transport,
     pub(super) uploads: Uploads,
 }
 
@@ -104,12 +105,12 @@ impl Proxy {
         let query = parts.uri.query().unwrap_or("").to_string();
         let headers = request_headers(&parts.headers);
         let body = body_of(&parts.headers, body);
-        let send = |host: &str, url: Url, scopes: Vec<String>, body: Option<Body>| Outgoing {
+        let send = |host: &str, url: Url, scopes: Vec<String>, body: Option<Body>| transport::Request {
             method: method.clone(),
             host: host.to_string(),
             url,
             headers: headers.clone(),
-            body,
+            body: body.map(|b| reqwest::Body::wrap_stream(b.into_data_stream())),
             scopes,
             authorize: true,
         };

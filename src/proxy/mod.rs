@@ -16,11 +16,12 @@ use std::time::Duration;
 
 use axum::Router;
 
+pub use crate::oci::transport::TransportOptions as UpstreamOptions;
 pub use error::ProxyError;
-pub use forward::UpstreamOptions;
 pub use handler::{AliasTarget, Proxy};
 
 use crate::cli::parse_duration;
+use crate::oci::transport::Transport;
 use crate::oci::{CredentialStore, Endpoints, Reference, credentials};
 
 /// Configuration errors and failures of the proxy process.
@@ -61,6 +62,9 @@ pub enum Error {
     /// The HTTP client cannot be built.
     #[error("cannot build the upstream HTTP client")]
     Client(#[source] reqwest::Error),
+    /// The registry client could not be built.
+    #[error("cannot build the registry client")]
+    Transport(#[source] crate::oci::transport::Error),
     /// `--check` found no proxy answering.
     #[error("no proxy answers on {addr}")]
     Check {
@@ -161,7 +165,7 @@ impl ProxyArgs {
             mirror = ?mirror.refs().iter().map(|r| r.whole()).collect::<Vec<_>>(),
             credentials = %creds.describe(), "proxy configured"
         );
-        let upstream = forward::Upstream::new(Arc::new(creds), endpoints, opts).map_err(Error::Client)?;
+        let upstream = Transport::new(Arc::new(creds), endpoints, opts).map_err(Error::Transport)?;
         Ok(Proxy {
             base,
             target,

@@ -1,0 +1,184 @@
+//! `bob copy SRC DST`: the command around `oci::copy` — credentials, progress on a TTY or as
+//! log lines, one summary line, and an exit code per failure class.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::cli::parse_duration;
+use crate::oci::client::{self, Client, Kind};
+use crate::oci::copy::{CopyOptions, CopyReport, Progress, copy};
+use crate::oci::transport::{self, Transport, TransportOptions};
+use crate::oci::{CredentialStore, Endpoints, Reference, credentials};
+
+/// Why `bob copy` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A reference does not parse.
+    #[error("invalid image reference {value:?}")]
+    Reference {
+        /// The text given.
+        value: String,
+        /// Why.
+        #[source]
+        source: oci_client::ParseError,
+    },
+    /// The credentials cannot be read.
+    #[error("cannot read registry credentials")]
+    Credentials(#[source] credentials::Error),
+    /// The client cannot be built.
+    #[error("cannot build the registry client")]
+    Transport(#[source] transport::Error),
+    /// The copy failed.
+    #[error("copy of {src} to {dst} failed")]
+    Copy {
+        /// Source reference.
+        src: String,
+        /// Destination reference.
+        dst: String,
+        /// Why.
+        #[source]
+        source: Box<client::Error>,
+    },
+}
+
+impl Error {
+    /// The process exit code for this failure (documented in `bob copy --help`).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Copy { source, .. } => match source.kind() {
+                Kind::NotFound => 3,
+                Kind::Unauthorized => 4,
+                Kind::DigestMismatch => 5,
+                Kind::UnsupportedMediaType => 6,
+                Kind::Unreachable => 7,
+                Kind::Other => 1,
+            },
+            _ => 1,
+        }
+    }
+}
+
+/// `bob copy` options.
+#[derive(clap::Args, Clone)]
+#[command(after_help = "Exit codes: 0 copied, 1 other error, 2 usage, 3 not found, 4 unauthorized, \
+5 digest mismatch, 6 unsupported media type, 7 registry unreachable.")]
+pub struct CopyArgs {
+    /// Source image reference (tag or digest; an index is copied with every platform).
+    pub src: String,
+    /// Destination image reference (a tag, or the source's digest).
+    pub dst: String,
+    /// Docker config JSON with credentials [default: $DOCKER_CONFIG/config.json, else
+    /// ~/.docker/config.json, else anonymous].
+    #[arg(long, env = "REGISTRY_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+    /// Registries (host or host:port) spoken to over plain HTTP besides loopback ones.
+    #[arg(long = "insecure-registry", env = "BOB_INSECURE_REGISTRIES", value_delimiter = ',')]
+    pub insecure_registries: Vec<String>,
+    /// Blobs copied at once.
+    #[arg(long, env = "BOB_COPY_JOBS", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: u16,
+    /// Longest silence from a registry before a request fails (e.g. 30s).
+    #[arg(long, env = "BOB_COPY_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+impl CopyArgs {
+    /// Arguments for copying `src` to `dst` with defaults for everything else.
+    pub fn new(src: impl Into<String>, dst: impl Into<String>) -> Self {
+        Self {
+            src: src.into(),
+            dst: dst.into(),
+            auth_file: None,
+            insecure_registries: Vec::new(),
+            jobs: 8,
+            timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Parses an image reference with a clear error.
+pub fn parse_ref(value: &str) -> Result<Reference, Error> {
+    value.parse().map_err(|source| Error::Reference { value: value.to_string(), source })
+}
+
+/// The credential store `bob copy` uses: the file given, else the docker defaults, else none.
+fn credentials(auth_file: Option<&PathBuf>) -> Result<CredentialStore, Error> {
+    let default = || {
+        let dir = std::env::var_os("DOCKER_CONFIG")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))?;
+        Some(dir.join("config.json")).filter(|p| p.is_file())
+    };
+    match auth_file.cloned().or_else(default) {
+        Some(path) => CredentialStore::file(path).map_err(Error::Credentials),
+        None => Ok(CredentialStore::anonymous()),
+    }
+}
+
+/// A registry client over `creds` with the given plain-HTTP exceptions and timeout.
+pub fn client(creds: CredentialStore, insecure: &[String], timeout: Duration) -> Result<Client, Error> {
+    let opts = TransportOptions { read_timeout: timeout, ..Default::default() };
+    let transport =
+        Transport::new(Arc::new(creds), Endpoints::new(insecure), opts).map_err(Error::Transport)?;
+    Ok(Client::new(transport))
+}
+
+/// Copies with a progress display; used by `bob copy` and by phase 2 of `bob build`.
+pub async fn copy_with_progress(
+    client: &Client,
+    src: &Reference,
+    dst: &Reference,
+    jobs: usize,
+) -> Result<CopyReport, Error> {
+    let progress = Arc::new(Progress::default());
+    let ticker = tokio::spawn(show_progress(progress.clone()));
+    let result = copy(client, src, dst, &CopyOptions { jobs }, &progress).await;
+    ticker.abort();
+    if std::io::stderr().is_terminal() {
+        eprint!("\r\x1b[2K");
+    }
+    result.map_err(|e| Error::Copy { src: src.whole(), dst: dst.whole(), source: Box::new(e) })
+}
+
+/// Runs `bob copy`: prints `<dst>@<digest>` on stdout when done.
+pub async fn run(args: CopyArgs) -> Result<(), Error> {
+    let (src, dst) = (parse_ref(&args.src)?, parse_ref(&args.dst)?);
+    let creds = credentials(args.auth_file.as_ref())?;
+    tracing::debug!(credentials = %creds.describe(), "copy configured");
+    let client = client(creds, &args.insecure_registries, args.timeout)?;
+    let started = Instant::now();
+    let r = copy_with_progress(&client, &src, &dst, args.jobs.into()).await?;
+    tracing::info!(
+        digest = %r.digest, manifests = r.manifests, blobs = r.blobs, skipped = r.skipped, mounted = r.mounted,
+        mib = format!("{:.1}", mib(r.bytes)), up_to_date = r.up_to_date,
+        ms = started.elapsed().as_millis() as u64, "copied {} to {}", src.whole(), dst.whole()
+    );
+    println!("{}@{}", dst.whole().split('@').next().unwrap_or_default(), r.digest);
+    Ok(())
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// Redraws one status line on a TTY; elsewhere logs a line every few seconds while bytes move.
+async fn show_progress(p: Arc<Progress>) {
+    let tty = std::io::stderr().is_terminal();
+    let every = if tty { Duration::from_millis(200) } else { Duration::from_secs(5) };
+    let mut last = u64::MAX;
+    loop {
+        tokio::time::sleep(every).await;
+        let (done, total) = (p.blobs_done.load(Ordering::Relaxed), p.blobs_total.load(Ordering::Relaxed));
+        let (sent, bytes) = (p.bytes_sent.load(Ordering::Relaxed), p.bytes_total.load(Ordering::Relaxed));
+        let line = format!("{done}/{total} blobs, {:.1}/{:.1} MiB", mib(sent), mib(bytes));
+        if tty {
+            eprint!("\r\x1b[2Kcopying: {line}");
+        } else if sent != last {
+            tracing::info!("copying: {line}");
+        }
+        last = sent;
+    }
+}
