@@ -5,6 +5,8 @@
 
 pub mod cli;
 pub mod copy;
+pub mod key;
 pub mod oci;
 pub mod proxy;
+pub mod reason;
 pub mod telemetry;

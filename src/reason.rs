@@ -1,0 +1,117 @@
+//! The one closed set of failure reasons bob reports: `bob build` writes them into its result,
+//! and the controller puts them in `status.reason`, events and metric labels. New reasons are
+//! added here (never spelled elsewhere) so the set stays bounded.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Why a build failed. Serialised in CamelCase (`"BuildStepFailed"`), as Kubernetes reasons are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Reason {
+    /// The build's configuration (environment, flags) is invalid.
+    InvalidConfig,
+    /// The Dockerfile is not where the ImageBuild says.
+    DockerfileNotFound,
+    /// The Dockerfile cannot be parsed (or has no `FROM`).
+    DockerfileInvalid,
+    /// A `FROM` image cannot be resolved or pulled (missing, unauthorized, unreachable).
+    BaseImagePullFailed,
+    /// A `RUN` (or other) step failed; the message names the step and its exit code.
+    BuildStepFailed,
+    /// The build engine failed outside any step (it could not start, or crashed).
+    EngineFailed,
+    /// Pushing the built base image failed.
+    PushFailed,
+    /// Copying the base image to the workspace image failed.
+    CopyFailed,
+    /// The registry proxy of the build pod did not answer.
+    ProxyUnavailable,
+    /// The build ran out of disk space.
+    DiskFull,
+    /// The build (or a step) was killed for memory.
+    OutOfMemory,
+    /// The build printed nothing for longer than the watchdog allows.
+    NoProgress,
+    /// A bug or an unexpected state in bob itself.
+    Internal,
+}
+
+impl Reason {
+    /// Every reason, for documentation and exhaustive tests.
+    pub const ALL: [Reason; 13] = [
+        Reason::InvalidConfig,
+        Reason::DockerfileNotFound,
+        Reason::DockerfileInvalid,
+        Reason::BaseImagePullFailed,
+        Reason::BuildStepFailed,
+        Reason::EngineFailed,
+        Reason::PushFailed,
+        Reason::CopyFailed,
+        Reason::ProxyUnavailable,
+        Reason::DiskFull,
+        Reason::OutOfMemory,
+        Reason::NoProgress,
+        Reason::Internal,
+    ];
+
+    /// The CamelCase name, as in status and events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::InvalidConfig => "InvalidConfig",
+            Reason::DockerfileNotFound => "DockerfileNotFound",
+            Reason::DockerfileInvalid => "DockerfileInvalid",
+            Reason::BaseImagePullFailed => "BaseImagePullFailed",
+            Reason::BuildStepFailed => "BuildStepFailed",
+            Reason::EngineFailed => "EngineFailed",
+            Reason::PushFailed => "PushFailed",
+            Reason::CopyFailed => "CopyFailed",
+            Reason::ProxyUnavailable => "ProxyUnavailable",
+            Reason::DiskFull => "DiskFull",
+            Reason::OutOfMemory => "OutOfMemory",
+            Reason::NoProgress => "NoProgress",
+            Reason::Internal => "Internal",
+        }
+    }
+
+    /// Whether the user's input caused it (fix the Dockerfile or the spec) rather than the
+    /// infrastructure (worth a retry on a fresh pod).
+    pub fn is_user_error(self) -> bool {
+        matches!(
+            self,
+            Reason::InvalidConfig
+                | Reason::DockerfileNotFound
+                | Reason::DockerfileInvalid
+                | Reason::BaseImagePullFailed
+                | Reason::BuildStepFailed
+                | Reason::NoProgress
+        )
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_the_serialised_form_and_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for r in Reason::ALL {
+            assert_eq!(serde_json::to_string(&r).unwrap(), format!("\"{}\"", r.as_str()));
+            assert_eq!(serde_json::from_str::<Reason>(&format!("\"{r}\"")).unwrap(), r);
+            assert!(seen.insert(r.as_str()), "{r} twice");
+        }
+    }
+
+    #[test]
+    fn user_errors_are_not_infrastructure() {
+        assert!(Reason::BuildStepFailed.is_user_error() && Reason::DockerfileNotFound.is_user_error());
+        assert!(!Reason::DiskFull.is_user_error() && !Reason::ProxyUnavailable.is_user_error());
+    }
+}
