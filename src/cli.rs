@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use crate::build::BuildArgs;
 use crate::copy::CopyArgs;
 use crate::proxy::ProxyArgs;
 
@@ -22,6 +23,8 @@ pub struct Cli {
 pub enum Command {
     /// Registry proxy of the build pod: holds the credentials, maps `base`/`target`, mirrors `FROM`s.
     Proxy(ProxyArgs),
+    /// Build pod main container: build the base from a Dockerfile, copy it to the workspace image.
+    Build(BuildArgs),
     /// Copy an image (or a whole index) between registries, keeping its digest.
     Copy(CopyArgs),
 }

@@ -21,6 +21,12 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Proxy(args) => bob::proxy::run(args).await?,
             Command::Copy(args) => bob::copy::run(args).await?,
+            Command::Build(args) => {
+                let result = bob::build::run(args).await;
+                if let (Some(reason), Some(message)) = (result.reason, result.message) {
+                    anyhow::bail!("build failed: {reason}: {message}");
+                }
+            }
         }
         Ok(())
     });

@@ -1,0 +1,253 @@
+//! Phase 1: the base image. Skipped when the base ref already exists; otherwise the Dockerfile
+//! is read, every `FROM` is pinned to a digest (given in `BOB_FROM_REFS`, or resolved through
+//! the proxy's mirror route and reported), and the engine builds and pushes to the `base` alias.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use super::dockerfile::Dockerfile;
+use super::engine::{Buildah, Engine, EngineBuild, registries_conf, write};
+use super::output::{self, Finished};
+use super::{BuildArgs, BuildResult, Failure, registry_failure};
+use crate::oci::Reference;
+use crate::oci::client::Client;
+use crate::reason::Reason;
+
+/// Builds the base unless it exists; returns its digest.
+pub async fn build(
+    args: &BuildArgs,
+    client: &Client,
+    base: &Reference,
+    result: &mut BuildResult,
+    resolve: Instant,
+) -> Result<String, Failure> {
+    match client.manifest_digest(base).await {
+        Ok(Some(digest)) => {
+            tracing::info!(%digest, "the base image exists: skipping the Dockerfile build");
+            result.timings.resolve_ms = resolve.elapsed().as_millis() as u64;
+            return Ok(digest);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            return Err(registry_failure(
+                Reason::PushFailed,
+                "cannot check whether the base image exists",
+                &e,
+            ));
+        }
+    }
+    let (dockerfile_path, text) = read_dockerfile(args)?;
+    let context = args
+        .context
+        .clone()
+        .unwrap_or_else(|| dockerfile_path.parent().unwrap_or(Path::new(".")).to_path_buf());
+    if !context.is_dir() {
+        return Err(Failure::new(
+            Reason::InvalidConfig,
+            format!("the build context {} is not a directory", context.display()),
+        ));
+    }
+    let build_args: BTreeMap<String, String> = serde_json::from_str(&args.build_args).map_err(|e| {
+        Failure::new(Reason::InvalidConfig, format!("BOB_BUILD_ARGS must be a JSON object of strings: {e}"))
+    })?;
+    let dockerfile = Dockerfile::parse(&text, &build_args).map_err(|e| {
+        Failure::new(Reason::DockerfileInvalid, format!("{}: {e}", dockerfile_path.display()))
+    })?;
+    let pins = parse_pins(&args.from_refs)?;
+    let mut pinned: BTreeMap<String, String> = BTreeMap::new();
+    let mut hosts: Vec<String> = Vec::new();
+    for image in dockerfile.images() {
+        let r: Reference = image.parse().map_err(|e| {
+            Failure::new(Reason::DockerfileInvalid, format!("FROM {image} is not an image reference: {e}"))
+        })?;
+        let digest = resolve_from(client, &args.proxy_addr, image, &r, &pins).await?;
+        result.from_digests.insert(image.to_string(), digest.clone());
+        pinned.insert(image.to_string(), format!("{}/{}@{digest}", r.registry(), r.repository()));
+        if !hosts.iter().any(|h| h == r.registry()) {
+            hosts.push(r.registry().to_string());
+        }
+    }
+    result.timings.resolve_ms = resolve.elapsed().as_millis() as u64;
+
+    let work = tempfile::Builder::new().prefix("bob-build-").tempdir().map_err(io_failure)?;
+    let dir = work.path();
+    let pinned_text = dockerfile.pinned(|i| pinned.get(i).cloned().unwrap_or_else(|| i.to_string()));
+    let spec = EngineBuild {
+        dockerfile: write(dir, "Dockerfile", &pinned_text).map_err(io_failure)?,
+        context,
+        build_args,
+        target: args.target.clone(),
+        registries_conf: write(dir, "registries.conf", &registries_conf(&args.proxy_addr, &hosts))
+            .map_err(io_failure)?,
+        auth_file: write(dir, "auth.json", "{}").map_err(io_failure)?,
+        work: dir.to_path_buf(),
+        image: format!("localhost/bob-base-{}", std::process::id()),
+        push_to: args.base(),
+        digest_file: dir.join("digest"),
+    };
+    let engine = Buildah {
+        binary: args.buildah.clone(),
+        root: args.storage_root.clone(),
+        runroot: args.storage_runroot.clone(),
+        storage_driver: args.storage_driver.clone(),
+        isolation: args.isolation,
+        runtime: args.oci_runtime.clone(),
+    };
+    let started = Instant::now();
+    let built = run_engine(&engine, engine.build(&spec), args).await?;
+    if !built.success() {
+        return Err(failure(&engine, &built, Reason::EngineFailed, args));
+    }
+    result.timings.build_ms = Some(started.elapsed().as_millis() as u64);
+    let started = Instant::now();
+    let pushed = run_engine(&engine, engine.push(&spec), args).await?;
+    if !pushed.success() {
+        return Err(failure(&engine, &pushed, Reason::PushFailed, args));
+    }
+    result.timings.push_ms = Some(started.elapsed().as_millis() as u64);
+    let digest = std::fs::read_to_string(&spec.digest_file).map_err(io_failure)?.trim().to_string();
+    result.base_built = true;
+    // Local storage is a cache only; the pushed image is what counts.
+    let _ = engine.remove(&spec).output().await;
+    Ok(digest)
+}
+
+fn read_dockerfile(args: &BuildArgs) -> Result<(std::path::PathBuf, String), Failure> {
+    let path = args.dockerfile.clone().ok_or_else(|| {
+        Failure::new(
+            Reason::InvalidConfig,
+            "BOB_DOCKERFILE_PATH is not set (needed when BOB_BUILD_BASE=true)",
+        )
+    })?;
+    if path.is_dir() {
+        return Err(Failure::new(
+            Reason::DockerfileNotFound,
+            format!("{} is a directory, not a Dockerfile", path.display()),
+        ));
+    }
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok((path, text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Failure::new(
+            Reason::DockerfileNotFound,
+            format!("no Dockerfile at {}: check the Dockerfile path of the ImageBuild", path.display()),
+        )),
+        Err(e) => {
+            Err(Failure::new(Reason::DockerfileNotFound, format!("cannot read {}: {e}", path.display())))
+        }
+    }
+}
+
+fn parse_pins(list: &str) -> Result<Vec<Reference>, Failure> {
+    list.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let r: Reference = s.parse().map_err(|e| {
+                Failure::new(
+                    Reason::InvalidConfig,
+                    format!("BOB_FROM_REFS entry {s:?} is not an image reference: {e}"),
+                )
+            })?;
+            if r.digest().is_none() {
+                return Err(Failure::new(
+                    Reason::InvalidConfig,
+                    format!("BOB_FROM_REFS entry {s:?} has no digest"),
+                ));
+            }
+            Ok(r)
+        })
+        .collect()
+}
+
+/// The digest a `FROM` image is pinned to: its own digest, the pin given for it, or the one
+/// the proxy's mirror route resolves its tag to.
+async fn resolve_from(
+    client: &Client,
+    proxy: &str,
+    image: &str,
+    r: &Reference,
+    pins: &[Reference],
+) -> Result<String, Failure> {
+    if let Some(d) = r.digest() {
+        return Ok(d.to_string());
+    }
+    let tag = r.tag().unwrap_or("latest");
+    let pin = pins.iter().find(|p| {
+        p.registry() == r.registry() && p.repository() == r.repository() && p.tag().unwrap_or("latest") == tag
+    });
+    if let Some(d) = pin.and_then(|p| p.digest()) {
+        return Ok(d.to_string());
+    }
+    let mirror_repo = format!("mirror/{}/{}", r.registry().replace(':', "__"), r.repository());
+    let via_proxy = Reference::with_tag(proxy.to_string(), mirror_repo, tag.to_string());
+    match client.manifest_digest(&via_proxy).await {
+        Ok(Some(d)) => {
+            tracing::info!(image, digest = %d, "resolved FROM through the proxy");
+            Ok(d)
+        }
+        Ok(None) => {
+            Err(Failure::new(Reason::BaseImagePullFailed, format!("FROM {image}: the image does not exist")))
+        }
+        Err(e) => Err(registry_failure(
+            Reason::BaseImagePullFailed,
+            &format!("FROM {image} cannot be resolved through the proxy (is it in BOB_PROXY_MIRROR_REFS?)"),
+            &e,
+        )),
+    }
+}
+
+async fn run_engine(
+    engine: &Buildah,
+    cmd: tokio::process::Command,
+    args: &BuildArgs,
+) -> Result<Finished, Failure> {
+    output::run(cmd, args.no_progress_timeout).await.map_err(|e| {
+        Failure::new(
+            Reason::EngineFailed,
+            format!(
+                "cannot run {} ({}): {e}; install it with `apt-get install buildah`",
+                engine.name(),
+                args.buildah.display()
+            ),
+        )
+    })
+}
+
+/// The failure of an engine command: the watchdog, the engine's own diagnosis, a SIGKILL, or
+/// the phase's default reason.
+fn failure(engine: &dyn Engine, f: &Finished, default: Reason, args: &BuildArgs) -> Failure {
+    let tail = Some(f.tail_text());
+    if let Some(silent) = f.silent_for {
+        let last = f.last_step.as_deref().unwrap_or("before the first step");
+        return Failure {
+            log_tail: tail,
+            ..Failure::new(
+                Reason::NoProgress,
+                format!(
+                    "the build printed nothing for {silent:?} and was stopped (at {last}); a step may be waiting for input or hung (BOB_NO_PROGRESS_TIMEOUT)"
+                ),
+            )
+        };
+    }
+    if let Some(d) = engine.diagnose(&f.tail) {
+        // "STEP 3/5: RUN make" names the position of the failing step.
+        let position =
+            f.last_step.as_deref().and_then(|s| s.strip_prefix("STEP ")).and_then(|s| s.split(':').next());
+        let message = match (&d.step, position) {
+            (Some(_), Some(p)) => format!("step {p}: {}", d.message.trim_start_matches("step ")),
+            _ => d.message,
+        };
+        return Failure { reason: d.reason, message, step: d.step, exit_code: d.exit_code, log_tail: tail };
+    }
+    let (reason, message) = if f.killed() {
+        (Reason::OutOfMemory, format!("{} was killed (SIGKILL), most likely out of memory", engine.name()))
+    } else {
+        (default, format!("{} ({}) failed with {}", engine.name(), args.buildah.display(), f.status))
+    };
+    Failure { log_tail: tail, ..Failure::new(reason, message) }
+}
+
+fn io_failure(e: std::io::Error) -> Failure {
+    let reason = if e.raw_os_error() == Some(28) { Reason::DiskFull } else { Reason::Internal };
+    Failure::new(reason, format!("cannot prepare the build: {e}"))
+}

@@ -1,0 +1,300 @@
+//! Reads the `FROM` lines of a Dockerfile (with global `ARG`s and build args expanded, line
+//! continuations and the `escape` directive honoured) and rewrites them to pinned references,
+//! keeping line numbers so the engine's errors still point at the user's lines.
+
+use std::collections::BTreeMap;
+
+/// Why a Dockerfile cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// No `FROM` instruction at all.
+    #[error("the Dockerfile has no FROM instruction")]
+    NoFrom,
+    /// A `FROM` without an image, or with an image that expands to nothing.
+    #[error("line {line}: FROM needs an image")]
+    EmptyFrom {
+        /// 1-based line of the instruction.
+        line: usize,
+    },
+    /// An instruction before the first `FROM` other than `ARG`.
+    #[error("line {line}: {instruction} before the first FROM")]
+    BeforeFrom {
+        /// 1-based line.
+        line: usize,
+        /// The instruction.
+        instruction: String,
+    },
+}
+
+/// What a stage starts from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Base {
+    /// An image from a registry (as written, after expansion).
+    Image(String),
+    /// An earlier stage of the same Dockerfile.
+    Stage(String),
+    /// The empty image.
+    Scratch,
+}
+
+/// One `FROM` instruction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FromLine {
+    /// First and last 0-based physical line of the instruction.
+    pub lines: (usize, usize),
+    /// `--platform=...` and other flags, as written.
+    pub flags: Vec<String>,
+    /// What the stage starts from.
+    pub base: Base,
+    /// The stage name (`AS name`).
+    pub name: Option<String>,
+}
+
+/// The parsed `FROM`s of a Dockerfile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dockerfile {
+    lines: Vec<String>,
+    /// The `FROM` instructions in order.
+    pub froms: Vec<FromLine>,
+}
+
+impl Dockerfile {
+    /// Parses `text`; `build_args` override the defaults of global `ARG`s they name.
+    pub fn parse(text: &str, build_args: &BTreeMap<String, String>) -> Result<Self, Error> {
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        let escape = escape_char(&lines);
+        let mut globals: BTreeMap<String, String> = BTreeMap::new();
+        let mut froms: Vec<FromLine> = Vec::new();
+        let mut i = 0;
+        while i < lines.len() {
+            let start = i;
+            let mut logical = String::new();
+            loop {
+                let line = &lines[i];
+                let is_comment = line.trim_start().starts_with('#');
+                if !is_comment {
+                    let trimmed = line.trim_end();
+                    match trimmed.strip_suffix(escape) {
+                        Some(head) => logical.push_str(head),
+                        None => {
+                            logical.push_str(trimmed);
+                            break;
+                        }
+                    }
+                    logical.push(' ');
+                }
+                i += 1;
+                if i == lines.len() {
+                    break;
+                }
+            }
+            let end = i.min(lines.len() - 1);
+            i += 1;
+            let mut words = logical.split_whitespace();
+            let Some(instruction) = words.next() else { continue };
+            let args: Vec<&str> = words.collect();
+            match instruction.to_ascii_uppercase().as_str() {
+                "ARG" if froms.is_empty() => {
+                    for a in &args {
+                        let (k, v) = a.split_once('=').unwrap_or((a, ""));
+                        let v = build_args.get(k).cloned().unwrap_or_else(|| unquote(v));
+                        globals.insert(k.to_string(), v);
+                    }
+                }
+                "FROM" => froms.push(parse_from(&args, (start, end), &globals, &froms)?),
+                other if froms.is_empty() => {
+                    return Err(Error::BeforeFrom { line: start + 1, instruction: other.to_string() });
+                }
+                _ => {}
+            }
+        }
+        if froms.is_empty() {
+            return Err(Error::NoFrom);
+        }
+        Ok(Self { lines, froms })
+    }
+
+    /// The distinct registry images the Dockerfile starts from, in order.
+    pub fn images(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for f in &self.froms {
+            if let Base::Image(i) = &f.base
+                && !out.contains(&i.as_str())
+            {
+                out.push(i);
+            }
+        }
+        out
+    }
+
+    /// The Dockerfile with each registry `FROM` image replaced by `pin(image)`; other lines and
+    /// line numbers are kept (a multi-line `FROM` becomes one line plus blank lines).
+    pub fn pinned(&self, pin: impl Fn(&str) -> String) -> String {
+        let mut lines = self.lines.clone();
+        for f in &self.froms {
+            let Base::Image(image) = &f.base else { continue };
+            let mut line = String::from("FROM ");
+            for flag in &f.flags {
+                line.push_str(flag);
+                line.push(' ');
+            }
+            line.push_str(&pin(image));
+            if let Some(n) = &f.name {
+                line.push_str(" AS ");
+                line.push_str(n);
+            }
+            lines[f.lines.0] = line;
+            for l in &mut lines[f.lines.0 + 1..=f.lines.1] {
+                l.clear();
+            }
+        }
+        let mut out = lines.join("\n");
+        out.push('\n');
+        out
+    }
+}
+
+fn parse_from(
+    args: &[&str],
+    lines: (usize, usize),
+    globals: &BTreeMap<String, String>,
+    earlier: &[FromLine],
+) -> Result<FromLine, Error> {
+    let line = lines.0 + 1;
+    let flags: Vec<String> =
+        args.iter().take_while(|a| a.starts_with("--")).map(|a| expand(a, globals)).collect();
+    let rest = &args[flags.len()..];
+    let image = rest.first().map(|i| expand(i, globals)).filter(|i| !i.is_empty());
+    let image = image.ok_or(Error::EmptyFrom { line })?;
+    let name = match rest.get(1) {
+        Some(kw) if kw.eq_ignore_ascii_case("as") => rest.get(2).map(|n| n.to_string()),
+        _ => None,
+    };
+    let is_stage = earlier.iter().any(|f| f.name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(&image)));
+    let base = if is_stage {
+        Base::Stage(image)
+    } else if image.eq_ignore_ascii_case("scratch") {
+        Base::Scratch
+    } else {
+        Base::Image(image)
+    };
+    Ok(FromLine { lines, flags, base, name })
+}
+
+/// The line-continuation character from a leading `# escape=` directive (default `\`).
+fn escape_char(lines: &[String]) -> char {
+    for l in lines {
+        let Some(d) = l.trim().strip_prefix('#') else { break };
+        let d = d.trim().to_ascii_lowercase();
+        if let Some(v) = d.strip_prefix("escape").map(str::trim).and_then(|v| v.strip_prefix('='))
+            && v.trim() == "`"
+        {
+            return '`';
+        }
+    }
+    '\\'
+}
+
+fn unquote(v: &str) -> String {
+    let v = v.trim();
+    let quoted =
+        v.len() >= 2 && (v.starts_with('"') && v.ends_with('"') || v.starts_with('\'') && v.ends_with('\''));
+    if quoted { v[1..v.len() - 1].to_string() } else { v.to_string() }
+}
+
+/// Expands `$X`, `${X}`, `${X:-word}` and `${X:+word}` from `vars` (unknown names are empty).
+pub fn expand(s: &str, vars: &BTreeMap<String, String>) -> String {
+    let get = |k: &str| vars.get(k).cloned().unwrap_or_default();
+    let mut out = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '$' {
+            out.push(c);
+            continue;
+        }
+        if chars.peek() == Some(&'{') {
+            chars.next();
+            let inner: String = chars.by_ref().take_while(|&c| c != '}').collect();
+            let value = if let Some((k, word)) = inner.split_once(":-") {
+                Some(get(k)).filter(|v| !v.is_empty()).unwrap_or_else(|| word.to_string())
+            } else if let Some((k, word)) = inner.split_once(":+") {
+                if get(k).is_empty() { String::new() } else { word.to_string() }
+            } else {
+                get(&inner)
+            };
+            out.push_str(&value);
+        } else {
+            let mut name = String::new();
+            while let Some(&c) = chars.peek() {
+                if !(c.is_ascii_alphanumeric() || c == '_') {
+                    break;
+                }
+                name.push(c);
+                chars.next();
+            }
+            if name.is_empty() { out.push('$') } else { out.push_str(&get(&name)) }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Dockerfile {
+        Dockerfile::parse(text, &BTreeMap::new()).unwrap()
+    }
+
+    #[test]
+    fn stages_scratch_and_images_are_told_apart() {
+        let d =
+            parse("# c\nFROM golang:1.22 AS build\nRUN go build\nFROM scratch\nFROM BUILD\nFROM alpine\n");
+        let bases: Vec<_> = d.froms.iter().map(|f| f.base.clone()).collect();
+        assert_eq!(
+            bases,
+            [
+                Base::Image("golang:1.22".into()),
+                Base::Scratch,
+                Base::Stage("BUILD".into()),
+                Base::Image("alpine".into())
+            ]
+        );
+        assert_eq!(d.images(), ["golang:1.22", "alpine"]);
+    }
+
+    #[test]
+    fn global_args_and_build_args_expand_in_from() {
+        let text = "ARG REG=docker.io\nARG TAG=\"1.0\"\nFROM ${REG}/lib/x:$TAG\nFROM ${NONE:-busybox}\n";
+        let mut args = BTreeMap::new();
+        args.insert("TAG".to_string(), "2.0".to_string());
+        let d = Dockerfile::parse(text, &args).unwrap();
+        assert_eq!(d.images(), ["docker.io/lib/x:2.0", "busybox"]);
+    }
+
+    #[test]
+    fn pinning_keeps_flags_names_and_line_numbers() {
+        let text = "FROM --platform=linux/amd64 \\\n  base:1 \\\n  AS b\nRUN true\n";
+        let d = parse(text);
+        assert_eq!(d.froms[0].lines, (0, 2));
+        let out = d.pinned(|i| format!("reg/{i}@sha256:00"));
+        assert_eq!(out, "FROM --platform=linux/amd64 reg/base:1@sha256:00 AS b\n\n\nRUN true\n");
+    }
+
+    #[test]
+    fn escape_directive_changes_the_continuation() {
+        let d = parse("# escape=`\nFROM `\n  mcr/img:1\nRUN dir c:\\\n");
+        assert_eq!(d.images(), ["mcr/img:1"]);
+    }
+
+    #[test]
+    fn invalid_dockerfiles_are_errors_with_lines() {
+        let none = BTreeMap::new();
+        assert_eq!(
+            Dockerfile::parse("RUN true\n", &none),
+            Err(Error::BeforeFrom { line: 1, instruction: "RUN".into() })
+        );
+        assert_eq!(Dockerfile::parse("# only a comment\n", &none), Err(Error::NoFrom));
+        assert_eq!(Dockerfile::parse("ARG X\nFROM $X\n", &none), Err(Error::EmptyFrom { line: 2 }));
+    }
+}

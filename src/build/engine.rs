@@ -1,0 +1,267 @@
+//! The build engine behind one trait, so BuildKit can be added next to buildah. An engine turns
+//! a build request into commands (build, then push) and reads its own failure messages into a
+//! `Reason`; running them (streaming output, watchdog) is `output.rs`'s job.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use tokio::process::Command;
+
+use crate::reason::Reason;
+
+/// One engine build: every path is prepared by `bob build`.
+#[derive(Clone, Debug)]
+pub struct EngineBuild {
+    /// The Dockerfile with its `FROM`s pinned.
+    pub dockerfile: PathBuf,
+    /// The build context.
+    pub context: PathBuf,
+    /// Build arguments.
+    pub build_args: BTreeMap<String, String>,
+    /// Target stage.
+    pub target: Option<String>,
+    /// The generated `registries.conf` that sends `FROM` pulls to the proxy's mirror route.
+    pub registries_conf: PathBuf,
+    /// An empty docker config: the engine must not find credentials anywhere.
+    pub auth_file: PathBuf,
+    /// Scratch directory (HOME and TMPDIR of the engine).
+    pub work: PathBuf,
+    /// Name of the image in local storage.
+    pub image: String,
+    /// Where to push (`<proxy>/base:<tag>`, plain HTTP on loopback).
+    pub push_to: String,
+    /// File the engine writes the pushed manifest digest to.
+    pub digest_file: PathBuf,
+}
+
+/// A failure as the engine explains it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diagnosis {
+    /// The class.
+    pub reason: Reason,
+    /// One line.
+    pub message: String,
+    /// The failing step, if any.
+    pub step: Option<String>,
+    /// The step's exit code, if any.
+    pub exit_code: Option<i32>,
+}
+
+/// A Dockerfile build engine.
+pub trait Engine: Send + Sync {
+    /// The engine's name, for logs.
+    fn name(&self) -> &'static str;
+    /// The command that builds the image into local storage.
+    fn build(&self, b: &EngineBuild) -> Command;
+    /// The command that pushes it and writes the digest file.
+    fn push(&self, b: &EngineBuild) -> Command;
+    /// The command that removes it from local storage.
+    fn remove(&self, b: &EngineBuild) -> Command;
+    /// Explains a failed command from its last output lines (`None`: nothing recognised).
+    fn diagnose(&self, tail: &[String]) -> Option<Diagnosis>;
+}
+
+/// How buildah isolates `RUN` steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Isolation {
+    /// chroot: no OCI runtime needed (works in unprivileged-but-root containers).
+    Chroot,
+    /// An OCI runtime (`--runtime`, e.g. runc).
+    Oci,
+}
+
+/// buildah (`bud` + `push`), daemonless.
+#[derive(Clone, Debug)]
+pub struct Buildah {
+    /// The buildah binary.
+    pub binary: PathBuf,
+    /// Storage root (`--root`).
+    pub root: PathBuf,
+    /// Run root (`--runroot`).
+    pub runroot: PathBuf,
+    /// Storage driver (`vfs` works everywhere; `overlay` is faster where the kernel allows).
+    pub storage_driver: String,
+    /// Isolation of `RUN` steps.
+    pub isolation: Isolation,
+    /// OCI runtime for `Isolation::Oci`.
+    pub runtime: String,
+}
+
+impl Buildah {
+    fn command(&self, b: &EngineBuild) -> Command {
+        let mut c = Command::new(&self.binary);
+        // The engine gets a clean environment: nothing of bob's (or the pod's) leaks into it,
+        // and it cannot find a credential file in a default location.
+        c.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into()))
+            .env("HOME", &b.work)
+            .env("TMPDIR", &b.work)
+            .env("XDG_RUNTIME_DIR", &b.work)
+            .env("REGISTRY_AUTH_FILE", &b.auth_file)
+            .env("CONTAINERS_REGISTRIES_CONF", &b.registries_conf)
+            .env("BUILDAH_LAYERS", "false");
+        c.arg("--root").arg(&self.root).arg("--runroot").arg(&self.runroot);
+        c.arg("--storage-driver").arg(&self.storage_driver);
+        c.arg("--registries-conf").arg(&b.registries_conf);
+        c
+    }
+}
+
+impl Engine for Buildah {
+    fn name(&self) -> &'static str {
+        "buildah"
+    }
+
+    fn build(&self, b: &EngineBuild) -> Command {
+        let mut c = self.command(b);
+        c.arg("bud").arg("--authfile").arg(&b.auth_file);
+        match self.isolation {
+            Isolation::Chroot => c.args(["--isolation", "chroot"]),
+            Isolation::Oci => c.args(["--isolation", "oci", "--runtime", &self.runtime]),
+        };
+        // Loopback mirror over plain HTTP. FROMs are pinned by digest, so an image already in
+        // local storage is the same image and need not be pulled again.
+        c.args(["--tls-verify=false", "--format", "oci", "--layers=false"]);
+        for (k, v) in &b.build_args {
+            c.arg("--build-arg").arg(format!("{k}={v}"));
+        }
+        if let Some(t) = &b.target {
+            c.arg("--target").arg(t);
+        }
+        c.arg("-f").arg(&b.dockerfile).arg("-t").arg(&b.image).arg(&b.context);
+        c
+    }
+
+    fn push(&self, b: &EngineBuild) -> Command {
+        let mut c = self.command(b);
+        c.arg("push").arg("--authfile").arg(&b.auth_file).arg("--tls-verify=false");
+        c.arg("--digestfile").arg(&b.digest_file);
+        c.arg(&b.image).arg(format!("docker://{}", b.push_to));
+        c
+    }
+
+    fn remove(&self, b: &EngineBuild) -> Command {
+        let mut c = self.command(b);
+        c.arg("rmi").arg("-f").arg(&b.image);
+        c
+    }
+
+    fn diagnose(&self, tail: &[String]) -> Option<Diagnosis> {
+        diagnose_buildah(tail)
+    }
+}
+
+/// Reads buildah 1.28's messages (`Error: building at STEP "RUN x": exit status 2`, ...).
+pub fn diagnose_buildah(tail: &[String]) -> Option<Diagnosis> {
+    let d = |reason, message: String| Some(Diagnosis { reason, message, step: None, exit_code: None });
+    if let Some(l) = tail.iter().find(|l| l.contains("no space left on device")) {
+        return d(
+            Reason::DiskFull,
+            format!("no space left on device: {}", crate::build::result::shorten(l.trim(), 300)),
+        );
+    }
+    let error = tail.iter().rev().find(|l| l.starts_with("Error: "))?;
+    let error = error.trim_start_matches("Error: ").trim();
+    if let Some(rest) = error.strip_prefix("building at STEP \"") {
+        let (step, after) = rest.split_once("\": ").unwrap_or((rest.trim_end_matches('"'), ""));
+        let step = step.trim().to_string();
+        if let Some(code) = after.strip_prefix("exit status ").and_then(|c| c.trim().parse::<i32>().ok()) {
+            let (reason, why) = if code == 137 {
+                (Reason::OutOfMemory, "was killed (exit code 137, most likely out of memory)".to_string())
+            } else {
+                (Reason::BuildStepFailed, format!("failed with exit code {code}"))
+            };
+            return Some(Diagnosis {
+                reason,
+                message: format!("step `{step}` {why}"),
+                step: Some(step),
+                exit_code: Some(code),
+            });
+        }
+        let reason = if after.contains("Unknown instruction") || after.contains("parse") {
+            Reason::DockerfileInvalid
+        } else {
+            Reason::BuildStepFailed
+        };
+        return Some(Diagnosis {
+            reason,
+            message: format!("step `{step}`: {}", crate::build::result::shorten(after, 400)),
+            step: Some(step),
+            exit_code: None,
+        });
+    }
+    if error.starts_with("creating build container") || error.contains("initializing source") {
+        return d(Reason::BaseImagePullFailed, crate::build::result::shorten(error, 500));
+    }
+    if error.contains("parse") || error.contains("Dockerfile") {
+        return d(Reason::DockerfileInvalid, crate::build::result::shorten(error, 500));
+    }
+    None
+}
+
+/// The `registries.conf` that maps each `FROM` registry to the proxy's mirror route (`location`
+/// remaps the prefix, so there is no fallback to the real registry), with short names off.
+pub fn registries_conf(proxy: &str, hosts: &[String]) -> String {
+    let mut out = String::from("unqualified-search-registries = []\nshort-name-mode = \"disabled\"\n");
+    for h in hosts {
+        // `:` is not allowed in a location path; the proxy decodes `host__port`.
+        let encoded = h.replace(':', "__");
+        out.push_str(&format!(
+            "\n[[registry]]\nprefix = \"{h}\"\nlocation = \"{proxy}/mirror/{encoded}\"\ninsecure = true\n"
+        ));
+    }
+    out
+}
+
+/// Writes `content` to `dir/name` and returns the path.
+pub fn write(dir: &Path, name: &str, content: &str) -> std::io::Result<PathBuf> {
+    let p = dir.join(name);
+    std::fs::write(&p, content)?;
+    Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(s: &str) -> Vec<String> {
+        s.lines().map(String::from).collect()
+    }
+
+    #[test]
+    fn buildah_failures_are_diagnosed() {
+        let step = diagnose_buildah(&lines(
+            "STEP 3/3: RUN false\nError: building at STEP \"RUN false\": exit status 1",
+        ))
+        .unwrap();
+        assert_eq!(
+            (step.reason, step.step.as_deref(), step.exit_code),
+            (Reason::BuildStepFailed, Some("RUN false"), Some(1))
+        );
+        let oom = diagnose_buildah(&lines("Error: building at STEP \"RUN big\": exit status 137")).unwrap();
+        assert_eq!(oom.reason, Reason::OutOfMemory);
+        let bad = diagnose_buildah(&lines(
+            "Error: building at STEP \"FOO \": Build error: Unknown instruction: \"FOO\" &x",
+        ))
+        .unwrap();
+        assert_eq!(bad.reason, Reason::DockerfileInvalid);
+        let pull =
+            diagnose_buildah(&lines("Error: creating build container: initializing source docker://x"))
+                .unwrap();
+        assert_eq!(pull.reason, Reason::BaseImagePullFailed);
+        let disk =
+            diagnose_buildah(&lines("write /var/x: no space left on device\nError: exit status 1")).unwrap();
+        assert_eq!(disk.reason, Reason::DiskFull);
+        assert_eq!(diagnose_buildah(&lines("all good")), None);
+    }
+
+    #[test]
+    fn registries_conf_remaps_hosts_to_the_mirror_route() {
+        let conf = registries_conf("127.0.0.1:8080", &["reg.test:5000".into(), "docker.io".into()]);
+        assert!(
+            conf.contains("prefix = \"reg.test:5000\"\nlocation = \"127.0.0.1:8080/mirror/reg.test__5000\"")
+        );
+        assert!(conf.contains("location = \"127.0.0.1:8080/mirror/docker.io\""));
+        assert!(conf.contains("short-name-mode = \"disabled\""));
+    }
+}
