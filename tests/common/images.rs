@@ -231,4 +231,29 @@ impl Direct {
             .unwrap();
         r.status() == 200
     }
+
+    /// A manifest's bytes.
+    pub async fn manifest(&self, repo: &str, reference: &str) -> Vec<u8> {
+        let r = self
+            .req(reqwest::Method::GET, repo, &format!("manifests/{reference}"), false)
+            .await
+            .header("accept", ACCEPT_ALL)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "GET manifest {repo}:{reference}");
+        r.bytes().await.unwrap().to_vec()
+    }
+
+    /// A blob's bytes.
+    pub async fn blob(&self, repo: &str, digest: &str) -> Vec<u8> {
+        let r = self
+            .req(reqwest::Method::GET, repo, &format!("blobs/{digest}"), false)
+            .await
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "GET blob {repo}@{digest}");
+        r.bytes().await.unwrap().to_vec()
+    }
 }

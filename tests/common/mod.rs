@@ -3,6 +3,7 @@
 //! Every process listens on a free port and is killed when its guard drops, even on panic.
 #![allow(dead_code, unused_imports)]
 
+pub mod build;
 pub mod images;
 pub mod token;
 
