@@ -57,3 +57,21 @@ async fn builds_a_dockerfile_through_the_proxy_and_skips_phase_1_when_the_base_e
     assert_eq!(again.target_digest, r.target_digest);
     assert!(!text(&out.stdout).contains("STEP 1/4"), "buildah did not run");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oci_isolation_with_runc_runs_the_steps_too() {
+    require("runc", "runc");
+    let fx = Fixture::new().await;
+    let dockerfile = format!("FROM {}\nRUN echo from-runc > /runc.txt\n", fx.from);
+    let (base, ws) = fx.refs(&dockerfile);
+    let proxy = fx.proxy(&base, &ws);
+    let ctx = fx.context("runc", &dockerfile, &[]);
+    let pin = fx.pin();
+    let env = [("BOB_FROM_REFS", pin.as_str()), ("BOB_ISOLATION", "oci"), ("BOB_OCI_RUNTIME", "runc")];
+    let (out, r) = bob_build(&proxy.addr, &ctx, &fx.dir.path().join("storage"), &env);
+    assert!(out.status.success() && r.base_built, "{}\n{}", text(&out.stdout), text(&out.stderr));
+    let d = Direct::new(&fx.reg.host, Some(&fx.creds));
+    let (repo, tag) = ws.trim_start_matches(&format!("{}/", fx.reg.host)).rsplit_once(':').unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&d.manifest(repo, tag).await).unwrap();
+    assert_eq!(file_in_image(&d, repo, &manifest, "runc.txt").await.as_deref(), Some("from-runc\n"));
+}
