@@ -73,3 +73,28 @@ oci_busybox_layout() {
   rm -rf "$root"
   echo "sha256:$md"
 }
+
+# random_layout DIR LAYERS LAYER_MIB: an OCI layout (tag latest) of LAYERS random, incompressible
+# uncompressed layers of LAYER_MIB each; skopeo pushes them unchanged.
+random_layout() {
+  local L=$1 n=$2 mib=$3 layers="[]" d diffs cd_ cs md ms
+  mkdir -p "$L/blobs/sha256"
+  for _ in $(seq 1 "$n"); do
+    head -c "${mib}M" /dev/urandom > "$L/l"; d=$(sha256sum "$L/l" | cut -d' ' -f1); mv "$L/l" "$L/blobs/sha256/$d"
+    layers=$(jq -c --arg d "sha256:$d" --argjson s $((mib << 20)) '. + [{mediaType:"application/vnd.oci.image.layer.v1.tar",digest:$d,size:$s}]' <<<"$layers")
+  done
+  diffs=$(jq -c '[.[].digest]' <<<"$layers")
+  jq -cn --argjson d "$diffs" '{architecture:"amd64",os:"linux",rootfs:{type:"layers",diff_ids:$d}}' > "$L/c"
+  cd_=$(sha256sum "$L/c" | cut -d' ' -f1); cs=$(stat -c%s "$L/c"); mv "$L/c" "$L/blobs/sha256/$cd_"
+  jq -cn --arg c "sha256:$cd_" --argjson cs "$cs" --argjson l "$layers" \
+    '{schemaVersion:2,mediaType:"application/vnd.oci.image.manifest.v1+json",config:{mediaType:"application/vnd.oci.image.config.v1+json",digest:$c,size:$cs},layers:$l}' > "$L/m"
+  md=$(sha256sum "$L/m" | cut -d' ' -f1); ms=$(stat -c%s "$L/m"); mv "$L/m" "$L/blobs/sha256/$md"
+  jq -cn --arg m "sha256:$md" --argjson ms "$ms" '{schemaVersion:2,manifests:[{mediaType:"application/vnd.oci.image.manifest.v1+json",digest:$m,size:$ms,annotations:{"org.opencontainers.image.ref.name":"latest"}}]}' > "$L/index.json"
+  echo '{"imageLayoutVersion":"1.0.0"}' > "$L/oci-layout"
+}
+
+# Timing helpers for the benchmarks.
+now() { date +%s.%N; }
+span() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", b - a}'; }
+# skopeo remembers where blobs live and would mount instead of sending: forget between runs.
+forget() { rm -f /var/lib/containers/cache/blob-info-cache-v1.boltdb; }
