@@ -218,3 +218,42 @@ async fn a_corrupt_blob_from_a_hostile_upstream_is_caught_and_never_committed() 
     assert!(stderr(&out).contains("unsupported manifest media type"), "{}", stderr(&out));
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn through_the_proxy_across_registries_a_refused_mount_streams_or_skips_existing_blobs() {
+    let a = Registry::start(RegistryAuth::Basic { user: "a", password: "a-pass-9" });
+    let b = Registry::start(RegistryAuth::Basic { user: "b", password: "b-pass-8" });
+    let both = format!(
+        r#"{{"auths":{{"{}":{{"auth":"{}"}},"{}":{{"auth":"{}"}}}}}}"#,
+        a.host,
+        b64("a:a-pass-9"),
+        b.host,
+        b64("b:b-pass-8")
+    );
+    let img = image(vec![pseudo_random(61, 100_000), pseudo_random(62, 50_000)], "amd64");
+    Direct::new(&a.host, Some(&docker_config(&a.host, "a", "a-pass-9"))).push_image("base", "k", &img).await;
+    let target = Direct::new(&b.host, Some(&docker_config(&b.host, "b", "b-pass-8")));
+    target.push_blob("ws", &img.layers[0]).await;
+    let proxy = ProxyProc::start(&[
+        ("BOB_PROXY_BASE_REF", &a.repo("base:k")),
+        ("BOB_PROXY_TARGET_REF", &b.repo("ws:w")),
+        ("BOB_AUTH", &both),
+    ]);
+
+    // Phase 2's copy: no credentials, both sides through the proxy, which answers the mount of
+    // a base blob into the target (another registry) with a plain upload.
+    let client = client("{}");
+    let (src, dst) = (format!("{}/base:latest", proxy.addr), format!("{}/target:latest", proxy.addr));
+    let r = copy(
+        &client,
+        &src.parse().unwrap(),
+        &dst.parse().unwrap(),
+        &CopyOptions::default(),
+        &Arc::new(Progress::default()),
+    )
+    .await
+    .unwrap();
+    let streamed = (img.layers[1].bytes.len() + img.config.bytes.len()) as u64;
+    assert_eq!((r.skipped, r.mounted, r.bytes), (1, 0, streamed), "{r:?}");
+    assert_eq!(target.manifest_digest("ws", "w").await, Some(img.digest.clone()));
+}

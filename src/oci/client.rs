@@ -5,10 +5,10 @@
 use bytes::Bytes;
 use futures::StreamExt;
 use http::{HeaderValue, Method, StatusCode, header};
-use serde::Deserialize;
 use url::Url;
 
 use super::Reference;
+use super::error::registry_message;
 use super::manifest::{self, ACCEPT, MAX_MANIFEST_BYTES};
 use super::token::repository_scope;
 use super::transport::{self, Request, Transport};
@@ -287,6 +287,14 @@ impl Client {
         self.location(host, &resp)
     }
 
+    /// Abandons an upload session (best effort: registries expire them anyway).
+    pub async fn cancel_upload(&self, host: &str, repository: &str, location: Url) {
+        let req = self.upload_request(Method::DELETE, host, repository, location);
+        if let Err(e) = self.transport.send(req).await {
+            tracing::debug!(error = %super::error::chain(&e), "cannot cancel an upload");
+        }
+    }
+
     /// Finishes an upload with the whole blob in one streamed PUT.
     pub async fn put_blob(
         &self,
@@ -299,10 +307,7 @@ impl Client {
     ) -> Result<(), Error> {
         let mut url = location;
         url.query_pairs_mut().append_pair("digest", digest);
-        // Upload URLs may point at another host (storage front-ends): no credentials there.
-        let same_host = url.host_str() == self.transport.endpoints().base_url(host).host_str();
-        let mut req = Request::new(Method::PUT, host, url, vec![repository_scope(repository, true)]);
-        req.authorize = same_host;
+        let mut req = self.upload_request(Method::PUT, host, repository, url);
         req.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
         req.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
         req.body = Some(body);
@@ -318,6 +323,15 @@ impl Client {
             vec![repository_scope(repository, false)],
         );
         check(self.transport.send(req).await?, &Method::GET, format!("blob {digest}")).await
+    }
+
+    /// A request to an upload URL; those may point at another host (storage front-ends), which
+    /// gets no credentials.
+    fn upload_request(&self, method: Method, host: &str, repository: &str, url: Url) -> Request {
+        let same_origin = self.transport.endpoints().same_origin(host, &url);
+        let mut req = Request::new(method, host, url, vec![repository_scope(repository, true)]);
+        req.authorize = same_origin;
+        req
     }
 
     fn location(&self, host: &str, resp: &reqwest::Response) -> Result<Url, Error> {
@@ -355,26 +369,6 @@ async fn check(resp: reqwest::Response, method: &Method, what: String) -> Result
     })
 }
 
-#[derive(Deserialize)]
-struct Envelope {
-    errors: Vec<Entry>,
-}
-
-#[derive(Deserialize)]
-struct Entry {
-    #[serde(default)]
-    code: String,
-    #[serde(default)]
-    message: String,
-}
-
-/// `CODE: message` of the first error in a registry error body.
-fn registry_message(body: &[u8]) -> Option<String> {
-    let env: Envelope = serde_json::from_slice(body).ok()?;
-    let e = env.errors.into_iter().next()?;
-    Some(if e.message.is_empty() { e.code } else { format!("{}: {}", e.code, e.message) })
-}
-
 async fn read_limited(resp: reqwest::Response, host: &str, what: &str) -> Result<Bytes, Error> {
     let mut stream = resp.bytes_stream();
     let mut buf = bytes::BytesMut::new();
@@ -391,13 +385,6 @@ async fn read_limited(resp: reqwest::Response, host: &str, what: &str) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn registry_messages_are_read_from_the_error_envelope() {
-        let body = br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown","detail":{}}]}"#;
-        assert_eq!(registry_message(body).as_deref(), Some("MANIFEST_UNKNOWN: manifest unknown"));
-        assert_eq!(registry_message(b"<html>bad gateway</html>"), None);
-    }
 
     #[test]
     fn forbidden_counts_as_unauthorized_and_5xx_as_unreachable() {

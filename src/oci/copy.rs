@@ -158,12 +158,13 @@ async fn copy_blob(
 ) -> Result<(), Error> {
     let (host, repo) = (dst.registry(), dst.repository());
     let done = || progress.blobs_done.fetch_add(1, Ordering::Relaxed);
-    if client.blob_exists(host, repo, &d.digest).await? {
+    let skipped = || {
         progress.blobs_skipped.fetch_add(1, Ordering::Relaxed);
         done();
         tracing::debug!(digest = %d.digest, "blob exists");
-        return Ok(());
-    }
+    };
+    // On one registry a mount answers for an existing blob too, so it goes first (one request,
+    // not two); elsewhere a HEAD saves a transfer.
     let same_registry = src.registry() == host && src.repository() != repo;
     let location = if same_registry {
         match client.mount(host, repo, src.repository(), &d.digest).await? {
@@ -173,8 +174,16 @@ async fn copy_blob(
                 tracing::debug!(digest = %d.digest, "blob mounted");
                 return Ok(());
             }
+            Mount::Upload(url) if client.blob_exists(host, repo, &d.digest).await? => {
+                client.cancel_upload(host, repo, url).await;
+                skipped();
+                return Ok(());
+            }
             Mount::Upload(url) => url,
         }
+    } else if client.blob_exists(host, repo, &d.digest).await? {
+        skipped();
+        return Ok(());
     } else {
         client.start_upload(host, repo).await?
     };

@@ -47,6 +47,15 @@ impl Endpoints {
         Url::parse(&format!("{scheme}://{api}/"))
             .unwrap_or_else(|_| Url::parse("https://invalid.invalid/").expect("static URL"))
     }
+
+    /// Whether `url` is on the registry `host` itself (scheme, host and port), so it may get the
+    /// registry's credentials; upload URLs on storage front-ends may not.
+    pub fn same_origin(&self, host: &str, url: &Url) -> bool {
+        let base = self.base_url(host);
+        url.scheme() == base.scheme()
+            && url.host_str() == base.host_str()
+            && url.port_or_known_default() == base.port_or_known_default()
+    }
 }
 
 /// The host that serves the registry API for a reference's registry: Docker Hub's images are
@@ -85,6 +94,17 @@ pub fn is_loopback(host: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_stay_on_the_registry_origin() {
+        let e = Endpoints::default();
+        let url = |u: &str| Url::parse(u).unwrap();
+        assert!(e.same_origin("127.0.0.1:5000", &url("http://127.0.0.1:5000/v2/x/blobs/uploads/1")));
+        assert!(!e.same_origin("127.0.0.1:5000", &url("http://127.0.0.1:5001/v2/x/blobs/uploads/1")));
+        assert!(e.same_origin("docker.io", &url("https://registry-1.docker.io:443/v2/")));
+        assert!(!e.same_origin("docker.io", &url("http://registry-1.docker.io/v2/")));
+        assert!(!e.same_origin("reg.test", &url("https://storage.test/upload?sig=x")));
+    }
 
     #[test]
     fn loopback_hosts_are_plain_http() {

@@ -1,5 +1,6 @@
 //! The distribution spec's error format (`{"errors":[{"code","message","detail"}]}`), used by
-//! the proxy for every answer it makes itself, and a one-line rendering of error chains.
+//! the proxy for every answer it makes itself and read from registries' answers, and a one-line
+//! rendering of error chains.
 
 use std::error::Error as StdError;
 
@@ -78,6 +79,27 @@ pub fn chain(err: &dyn StdError) -> String {
     out
 }
 
+/// An upstream error body, read leniently (registries use codes beyond the spec's list).
+#[derive(Deserialize)]
+struct Envelope {
+    errors: Vec<Entry>,
+}
+
+#[derive(Deserialize)]
+struct Entry {
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    message: String,
+}
+
+/// `CODE: message` of the first error in a registry error body.
+pub fn registry_message(body: &[u8]) -> Option<String> {
+    let env: Envelope = serde_json::from_slice(body).ok()?;
+    let e = env.errors.into_iter().next()?;
+    Some(if e.message.is_empty() { e.code } else { format!("{}: {}", e.code, e.message) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,5 +120,12 @@ mod tests {
         struct Outer(#[source] std::io::Error);
         let e = Outer(std::io::Error::other("inner"));
         assert_eq!(chain(&e), "outer: inner");
+    }
+
+    #[test]
+    fn registry_messages_are_read_from_the_error_envelope() {
+        let body = br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown","detail":{}}]}"#;
+        assert_eq!(registry_message(body).as_deref(), Some("MANIFEST_UNKNOWN: manifest unknown"));
+        assert_eq!(registry_message(b"<html>bad gateway</html>"), None);
     }
 }

@@ -170,8 +170,7 @@ impl Proxy {
                 let mut out = send(&t.host, url, vec![repository_scope(&t.repository, true)], body);
                 // Credentials go only to the registry itself, never to a storage URL it redirects
                 // uploads to (such URLs carry their own signature).
-                out.authorize =
-                    out.url.host_str().zip(self.upstream_host(&t.host)).is_some_and(|(a, b)| a == b);
+                out.authorize = self.upstream.endpoints().same_origin(&t.host, &out.url);
                 let resp = self.upstream.send(out).await?;
                 Ok(self.alias_response(a, t, resp, head, Some(&id)))
             }
@@ -234,10 +233,6 @@ impl Proxy {
         let base = self.upstream.endpoints().base_url(host);
         // Every part of `rest` was validated by the router, so joining cannot escape `/v2/`.
         base.join(&format!("v2/{rest}")).unwrap_or(base)
-    }
-
-    fn upstream_host(&self, host: &str) -> Option<String> {
-        self.upstream.endpoints().base_url(host).host_str().map(str::to_string)
     }
 
     /// The upstream query of an upload start: `mount`/`from` rewritten from an alias to its real
