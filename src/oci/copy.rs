@@ -80,7 +80,9 @@ pub async fn copy(
     opts: &CopyOptions,
     progress: &Arc<Progress>,
 ) -> Result<CopyReport, Error> {
-    let root = client.manifest(src).await?;
+    // The source manifest and the destination's current digest are independent: ask together.
+    let (root, existing) = futures::join!(client.manifest(src), client.manifest_digest(dst));
+    let root = root?;
     let dst_reference = match (dst.tag(), dst.digest()) {
         (_, Some(d)) if d != root.digest => {
             return Err(Error::DigestMismatch { what: dst.whole(), expected: d.into(), actual: root.digest });
@@ -99,7 +101,7 @@ pub async fn copy(
         bytes: progress.bytes_sent.load(Ordering::Relaxed),
         up_to_date,
     };
-    if client.manifest_digest(dst).await?.as_deref() == Some(root.digest.as_str()) {
+    if existing?.as_deref() == Some(root.digest.as_str()) {
         return Ok(report(0, true));
     }
     let mut plan = Plan::default();
