@@ -53,13 +53,7 @@ async fn copies_a_two_platform_index_across_registries_keeping_every_digest() {
     }
     s.push_manifest("app", "v1", OCI_INDEX, &idx.bytes).await;
 
-    let both = format!(
-        r#"{{"auths":{{"{}":{{"auth":"{}"}},"{}":{{"auth":"{}"}}}}}}"#,
-        src.host,
-        b64("src:src-pass-1"),
-        dst.host,
-        b64("dst:dst-pass-2")
-    );
+    let both = docker_config_for(&[(&src.host, "src", "src-pass-1"), (&dst.host, "dst", "dst-pass-2")]);
     let dir = tempfile::tempdir().unwrap();
     let auth = write_file(dir.path(), "config.json", &both);
     let out = bob_copy(&src.repo("app:v1"), &dst.repo("mirror/app:v1"), Some(&auth));
@@ -223,13 +217,7 @@ async fn a_corrupt_blob_from_a_hostile_upstream_is_caught_and_never_committed() 
 async fn through_the_proxy_across_registries_a_refused_mount_streams_or_skips_existing_blobs() {
     let a = Registry::start(RegistryAuth::Basic { user: "a", password: "a-pass-9" });
     let b = Registry::start(RegistryAuth::Basic { user: "b", password: "b-pass-8" });
-    let both = format!(
-        r#"{{"auths":{{"{}":{{"auth":"{}"}},"{}":{{"auth":"{}"}}}}}}"#,
-        a.host,
-        b64("a:a-pass-9"),
-        b.host,
-        b64("b:b-pass-8")
-    );
+    let both = docker_config_for(&[(&a.host, "a", "a-pass-9"), (&b.host, "b", "b-pass-8")]);
     let img = image(vec![pseudo_random(61, 100_000), pseudo_random(62, 50_000)], "amd64");
     Direct::new(&a.host, Some(&docker_config(&a.host, "a", "a-pass-9"))).push_image("base", "k", &img).await;
     let target = Direct::new(&b.host, Some(&docker_config(&b.host, "b", "b-pass-8")));

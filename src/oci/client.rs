@@ -163,18 +163,23 @@ impl Client {
         url
     }
 
+    /// A manifest read of `r` by its digest, else its tag (`latest` if none), accepting every
+    /// manifest type bob copies.
+    fn manifest_request(&self, method: Method, r: &Reference) -> Request {
+        let host = r.registry();
+        let reference = r.digest().or(r.tag()).unwrap_or("latest");
+        let path = format!("{}/manifests/{reference}", r.repository());
+        let mut req =
+            Request::new(method, host, self.url(host, &path), vec![repository_scope(r.repository(), false)]);
+        req.headers.insert(header::ACCEPT, HeaderValue::from_static(ACCEPT));
+        req
+    }
+
     /// Fetches a manifest by the reference's digest, else its tag (`latest` if none). A digest
     /// reference is verified against the bytes.
     pub async fn manifest(&self, r: &Reference) -> Result<Manifest, Error> {
         let host = r.registry();
-        let reference = r.digest().or(r.tag()).unwrap_or("latest");
-        let mut req = Request::new(
-            Method::GET,
-            host,
-            self.url(host, &format!("{}/manifests/{reference}", r.repository())),
-            vec![repository_scope(r.repository(), false)],
-        );
-        req.headers.insert(header::ACCEPT, HeaderValue::from_static(ACCEPT));
+        let req = self.manifest_request(Method::GET, r);
         let resp = check(self.transport.send(req).await?, &Method::GET, r.whole()).await?;
         let content_type =
             resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(String::from);
@@ -191,16 +196,7 @@ impl Client {
 
     /// The digest of a manifest if it exists (HEAD), `None` if it does not.
     pub async fn manifest_digest(&self, r: &Reference) -> Result<Option<String>, Error> {
-        let host = r.registry();
-        let reference = r.digest().or(r.tag()).unwrap_or("latest");
-        let mut req = Request::new(
-            Method::HEAD,
-            host,
-            self.url(host, &format!("{}/manifests/{reference}", r.repository())),
-            vec![repository_scope(r.repository(), false)],
-        );
-        req.headers.insert(header::ACCEPT, HeaderValue::from_static(ACCEPT));
-        let resp = self.transport.send(req).await?;
+        let resp = self.transport.send(self.manifest_request(Method::HEAD, r)).await?;
         if resp.status() == StatusCode::NOT_FOUND {
             return Ok(None);
         }

@@ -200,9 +200,20 @@ impl ProxyProc {
 
 /// A docker config JSON with one basic credential.
 pub fn docker_config(host: &str, user: &str, password: &str) -> String {
+    docker_config_for(&[(host, user, password)])
+}
+
+/// A docker config JSON with a basic credential per `(host, user, password)`.
+pub fn docker_config_for(entries: &[(&str, &str, &str)]) -> String {
     use base64::Engine;
-    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-    format!(r#"{{"auths":{{"{host}":{{"auth":"{auth}"}}}}}}"#)
+    let auths: serde_json::Map<String, serde_json::Value> = entries
+        .iter()
+        .map(|(host, user, password)| {
+            let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+            (host.to_string(), serde_json::json!({ "auth": auth }))
+        })
+        .collect();
+    serde_json::json!({ "auths": auths }).to_string()
 }
 
 /// Writes `content` to `dir/name` and returns the path.
