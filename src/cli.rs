@@ -25,6 +25,8 @@ pub enum Command {
     Proxy(ProxyArgs),
     /// Build pod main container: build the base from a Dockerfile, copy it to the workspace image.
     Build(BuildArgs),
+    /// Print the ImageBuild CRD (YAML) generated from the Rust types.
+    Crd,
     /// Copy an image (or a whole index) between registries, keeping its digest.
     Copy(CopyArgs),
 }

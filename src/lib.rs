@@ -6,6 +6,7 @@
 pub mod build;
 pub mod cli;
 pub mod copy;
+pub mod crd;
 pub mod key;
 pub mod oci;
 pub mod proxy;

@@ -21,6 +21,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Proxy(args) => bob::proxy::run(args).await?,
             Command::Copy(args) => bob::copy::run(args).await?,
+            Command::Crd => print!("{}", bob::crd::crd_yaml()),
             Command::Build(args) => {
                 let result = bob::build::run(args).await;
                 if let (Some(reason), Some(message)) = (result.reason, result.message) {

@@ -7,8 +7,10 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// Why a build failed. Serialised in CamelCase (`"BuildStepFailed"`), as Kubernetes reasons are.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum Reason {
+    /// The ImageBuild's spec is invalid (a field the schema could not check).
+    InvalidSpec,
     /// The build's configuration (environment, flags) is invalid.
     InvalidConfig,
     /// The Dockerfile is not where the ImageBuild says.
@@ -39,7 +41,8 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for documentation and exhaustive tests.
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
+        Reason::InvalidSpec,
         Reason::InvalidConfig,
         Reason::DockerfileNotFound,
         Reason::DockerfileInvalid,
@@ -58,6 +61,7 @@ impl Reason {
     /// The CamelCase name, as in status and events.
     pub fn as_str(self) -> &'static str {
         match self {
+            Reason::InvalidSpec => "InvalidSpec",
             Reason::InvalidConfig => "InvalidConfig",
             Reason::DockerfileNotFound => "DockerfileNotFound",
             Reason::DockerfileInvalid => "DockerfileInvalid",
@@ -79,7 +83,8 @@ impl Reason {
     pub fn is_user_error(self) -> bool {
         matches!(
             self,
-            Reason::InvalidConfig
+            Reason::InvalidSpec
+                | Reason::InvalidConfig
                 | Reason::DockerfileNotFound
                 | Reason::DockerfileInvalid
                 | Reason::BaseImagePullFailed

@@ -1,0 +1,277 @@
+//! The `ImageBuild` custom resource (`bob.dev/v1alpha1`). The `///` comments become the schema's
+//! descriptions; CEL rules say what the schema alone cannot (one source, required repositories,
+//! reference syntax, positive durations), so the API server rejects bad specs before bob sees them.
+//! (Field types name `crate::reason::Reason` in full: the schema derive brings kube's own `Reason`
+//! into scope.)
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// A repository without tag or digest: `[host[:port]/]path`, lowercase path components.
+pub const REPOSITORY_RE: &str = r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$";
+/// An image reference: a repository with an optional tag and an optional sha256 digest.
+pub const REFERENCE_RE: &str = r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$";
+
+/// What to build: the source of the base image, the repositories, credentials and pod knobs.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "bob.dev",
+    version = "v1alpha1",
+    kind = "ImageBuild",
+    plural = "imagebuilds",
+    shortname = "ib",
+    category = "bob",
+    namespaced,
+    status = "ImageBuildStatus",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.reason"}"#,
+    printcolumn = r#"{"name":"Image","type":"string","jsonPath":".status.output.ref"}"#,
+    printcolumn = r#"{"name":"Digest","type":"string","jsonPath":".status.output.shortDigest"}"#,
+    printcolumn = r#"{"name":"Cached","type":"boolean","jsonPath":".status.cacheHit"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(validation = Rule::new("!has(self.source.dockerfile) || has(self.baseImageRepository)")
+    .message("baseImageRepository is required for Dockerfile sources").field_path(".baseImageRepository"))]
+#[serde(rename_all = "camelCase")]
+pub struct ImageBuildSpec {
+    /// Where the base image comes from: exactly one of `image` or `dockerfile`.
+    pub source: BuildSource,
+    /// Repository for base images built from Dockerfiles, tagged with the build key
+    /// (`<repository>:<key>`). Required for Dockerfile sources.
+    #[x_kube(validation = Rule::new(format!("self.matches(r'{REPOSITORY_RE}')")).message("must be a repository without tag or digest, e.g. registry.example.com/team/base"))]
+    #[schemars(length(max = 255))]
+    pub base_image_repository: Option<String>,
+    /// Repository for workspace images, tagged with a hash of the base image ref.
+    #[x_kube(validation = Rule::new(format!("self.matches(r'{REPOSITORY_RE}')")).message("must be a repository without tag or digest, e.g. registry.example.com/team/workspace"))]
+    #[schemars(length(max = 255))]
+    pub workspace_image_repository: String,
+    /// Registry credentials for every repository involved (base, workspace, `FROM` images).
+    pub registry_auth: Option<RegistryAuth>,
+    /// Build even if the workspace image already exists.
+    #[serde(default)]
+    pub force_rebuild: bool,
+    /// Stop the build; the ImageBuild ends Cancelled.
+    #[serde(default)]
+    pub cancel: bool,
+    /// Time limits.
+    pub timeouts: Option<Timeouts>,
+    /// Scheduling and resources of the build pod.
+    pub pod: Option<PodOptions>,
+}
+
+/// The source of the base image.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new("has(self.image) != has(self.dockerfile)").message("exactly one of image or dockerfile must be set"))]
+#[serde(rename_all = "camelCase")]
+pub struct BuildSource {
+    /// An existing image becomes the base; no Dockerfile is built.
+    pub image: Option<ImageSource>,
+    /// A Dockerfile (inline or in git) is built into the base image.
+    pub dockerfile: Option<DockerfileSource>,
+}
+
+/// An existing image.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ImageSource {
+    /// The image reference (tag or digest); a tag is resolved to its digest before building.
+    #[serde(rename = "ref")]
+    #[x_kube(validation = Rule::new(format!("self.matches(r'{REFERENCE_RE}')")).message("must be an image reference, e.g. registry.example.com/team/image:tag"))]
+    #[schemars(length(max = 512))]
+    pub reference: String,
+}
+
+/// A Dockerfile to build.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new("has(self.inline) != has(self.git)").message("exactly one of inline or git must be set"))]
+#[serde(rename_all = "camelCase")]
+pub struct DockerfileSource {
+    /// The Dockerfile's text (the build context is empty).
+    pub inline: Option<String>,
+    /// A Dockerfile and build context in a git repository.
+    pub git: Option<GitSource>,
+    /// Build arguments (`ARG` values).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(k, k.matches('^[A-Za-z_][A-Za-z0-9_]*$'))").message("build argument names are letters, digits and _"))]
+    #[schemars(extend("maxProperties" = 64))]
+    pub build_args: BTreeMap<String, String>,
+    /// Target stage of a multi-stage Dockerfile.
+    pub target: Option<String>,
+}
+
+/// A git repository at a revision.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GitSource {
+    /// Clone URL (`https://`, `ssh://`, `git://`, `file://`, or `user@host:path`).
+    #[x_kube(validation = Rule::new("self.matches('^(https?|ssh|git|file)://.+$') || self.matches('^[^@/]+@[^:/]+:.+$')").message("must be a git URL"))]
+    #[schemars(length(max = 2048))]
+    pub url: String,
+    /// Branch, tag or commit SHA; resolved to a commit before the key is computed (default HEAD).
+    #[schemars(length(max = 255))]
+    pub revision: Option<String>,
+    /// Path of the Dockerfile in the repository (default `Dockerfile`).
+    #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.contains('..')").message("must be a relative path inside the repository"))]
+    #[schemars(length(max = 1024))]
+    pub dockerfile_path: Option<String>,
+    /// Path of the build context in the repository (default: the Dockerfile's directory).
+    #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.contains('..')").message("must be a relative path inside the repository"))]
+    #[schemars(length(max = 1024))]
+    pub context_path: Option<String>,
+    /// A `kubernetes.io/basic-auth` Secret (`username`, `password`) for cloning; only the clone
+    /// container sees it.
+    pub credentials_secret_ref: Option<SecretRef>,
+}
+
+/// A Secret in the ImageBuild's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SecretRef {
+    /// The Secret's name.
+    pub name: String,
+}
+
+/// Registry credentials.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistryAuth {
+    /// A `kubernetes.io/dockerconfigjson` Secret. The controller reads it for its registry checks;
+    /// in the build pod only the proxy container mounts it.
+    pub secret_ref: SecretRef,
+}
+
+/// Time limits, as durations such as `30m` or `1h30m`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct Timeouts {
+    /// Longest wait for a build slot (default 30m).
+    #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("must be a positive duration such as 30m"))]
+    #[schemars(length(max = 32))]
+    pub queue: Option<String>,
+    /// Longest build, from pod start (default 1h).
+    #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("must be a positive duration such as 1h"))]
+    #[schemars(length(max = 32))]
+    pub build: Option<String>,
+}
+
+/// Build pod knobs.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PodOptions {
+    /// Resources of the build container.
+    pub resources: Option<ResourceRequirements>,
+    /// Node selector of the build pod.
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Tolerations of the build pod.
+    pub tolerations: Option<Vec<Toleration>>,
+    /// Service account of the build pod (default: the namespace's `default`, with no token mounted).
+    pub service_account_name: Option<String>,
+    /// Priority class of the build pod.
+    pub priority_class_name: Option<String>,
+}
+
+/// Where a build is.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Phase {
+    /// Accepted, not yet planned.
+    #[default]
+    Pending,
+    /// Waiting for a build slot.
+    Queued,
+    /// The build pod runs.
+    Building,
+    /// The build finished; its digest is being checked in the registry.
+    Verifying,
+    /// The workspace image exists with the reported digest.
+    Succeeded,
+    /// The build failed; see `reason` and `failure`.
+    Failed,
+    /// `spec.cancel` stopped it.
+    Cancelled,
+}
+
+impl Phase {
+    /// Whether the phase is final for a generation.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed | Phase::Cancelled)
+    }
+}
+
+/// An image by reference and digest.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageRef {
+    /// The reference (repository and tag).
+    #[serde(rename = "ref")]
+    pub reference: String,
+    /// The manifest digest.
+    pub digest: Option<String>,
+    /// The digest's first 12 hex digits, for `kubectl get`.
+    pub short_digest: Option<String>,
+}
+
+impl ImageRef {
+    /// A reference with its digest (and short digest).
+    pub fn new(reference: impl Into<String>, digest: Option<String>) -> Self {
+        let short_digest = digest
+            .as_deref()
+            .and_then(|d| d.strip_prefix("sha256:"))
+            .map(|h| h[..h.len().min(12)].to_string());
+        Self { reference: reference.into(), digest, short_digest }
+    }
+}
+
+/// Why a build failed, with what the build said.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildFailure {
+    /// The reason.
+    pub reason: crate::reason::Reason,
+    /// One line: what failed and what to fix.
+    pub message: String,
+    /// The container that failed.
+    pub container: Option<String>,
+    /// The last lines of the build's output.
+    pub log_tail: Option<String>,
+}
+
+/// What bob knows about the build.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageBuildStatus {
+    /// Where the build is.
+    pub phase: Option<Phase>,
+    /// Why it is in this phase (CamelCase, one closed set).
+    pub reason: Option<crate::reason::Reason>,
+    /// A human-readable line.
+    pub message: Option<String>,
+    /// Standard conditions (`Ready`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The generation this status describes.
+    pub observed_generation: Option<i64>,
+    /// The build key (Dockerfile sources).
+    pub cache_key: Option<String>,
+    /// Whether the workspace image existed, so nothing was built.
+    pub cache_hit: Option<bool>,
+    /// The base image.
+    pub base_image: Option<ImageRef>,
+    /// The workspace image.
+    pub output: Option<ImageRef>,
+    /// The build pod.
+    pub pod_name: Option<String>,
+    /// Build pods started for this generation.
+    pub attempts: Option<i32>,
+    /// When the build started.
+    pub start_time: Option<Time>,
+    /// When it reached a terminal phase.
+    pub completion_time: Option<Time>,
+    /// Details of a failure.
+    pub failure: Option<BuildFailure>,
+}
+
+/// The CRD as YAML, as `bob crd` prints it and `crds/imagebuild.yaml` holds it.
+pub fn crd_yaml() -> String {
+    serde_saphyr::to_string(&ImageBuild::crd()).expect("the CRD serialises")
+}
