@@ -1,0 +1,366 @@
+//! The desired build pod (pure): a git clone init container when needed, `bob proxy` as a native
+//! sidecar holding the registry Secret, and `bob build` with no credentials. Each Secret is
+//! mounted in exactly one container; labels tie the pod to its ImageBuild and key.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    AppArmorProfile, Capabilities, Container, DownwardAPIVolumeFile, DownwardAPIVolumeSource,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, KeyToPath, ObjectFieldSelector, Pod, PodSpec,
+    Probe, ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
+    Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Resource;
+
+use super::plan::{BuildSecurity, Invalid, PlanConfig};
+use crate::build::Isolation;
+use crate::crd::ImageBuild;
+use crate::key::{BuildInputs, DockerfileSource as KeySource};
+
+/// Label: the ImageBuild's name (truncated to 63 characters).
+pub const LABEL_IMAGEBUILD: &str = "bob.dev/imagebuild";
+/// Label: the first 32 hex digits of the key (or of the workspace tag for image sources).
+pub const LABEL_KEY: &str = "bob.dev/key";
+/// Annotation: the whole key.
+pub const ANNOTATION_KEY: &str = "bob.dev/key";
+/// Annotation: the workspace image ref.
+pub const ANNOTATION_WORKSPACE_REF: &str = "bob.dev/workspace-ref";
+/// Annotation: an inline Dockerfile, projected into the build container as a file.
+pub const ANNOTATION_DOCKERFILE: &str = "bob.dev/dockerfile";
+/// Where the workspace (git checkout, build context) is mounted.
+pub const WORKSPACE: &str = "/workspace";
+/// Where an inline Dockerfile is projected.
+pub const DOCKERFILE_DIR: &str = "/bob/dockerfile";
+/// Where the proxy finds the registry credentials.
+pub const REGISTRY_AUTH_DIR: &str = "/var/run/secrets/bob/registry";
+
+/// The plan's decisions the pod needs.
+pub struct PodInputs<'a> {
+    /// The key (Dockerfile sources).
+    pub key: Option<&'a str>,
+    /// The key's inputs (Dockerfile sources): paths and the git commit.
+    pub inputs: Option<&'a BuildInputs>,
+    /// The real base ref.
+    pub base_ref: &'a str,
+    /// The real workspace ref.
+    pub workspace_ref: &'a str,
+    /// Pinned `FROM` refs.
+    pub from_refs: &'a [String],
+    /// Installation settings.
+    pub cfg: &'a PlanConfig,
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar { name: name.into(), value: Some(value.into()), ..Default::default() }
+}
+
+fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.into(),
+                key: key.into(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(read_only),
+        ..Default::default()
+    }
+}
+
+fn empty_dir(name: &str) -> Volume {
+    Volume { name: name.into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() }
+}
+
+/// Non-root, read-only, no capabilities: the proxy and the clone need nothing more.
+fn restricted() -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(65532),
+        run_as_group: Some(65532),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// What buildah needs: root with the capabilities to set up its mount namespace and chroot.
+fn builder(security: BuildSecurity) -> SecurityContext {
+    if security == BuildSecurity::Privileged {
+        return SecurityContext { privileged: Some(true), run_as_user: Some(0), ..Default::default() };
+    }
+    let caps = [
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "MKNOD",
+        "SETFCAP",
+        "SETGID",
+        "SETUID",
+        "SYS_ADMIN",
+        "SYS_CHROOT",
+    ];
+    SecurityContext {
+        run_as_user: Some(0),
+        run_as_group: Some(0),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            add: Some(caps.iter().map(|c| c.to_string()).collect()),
+            drop: Some(vec!["ALL".into()]),
+        }),
+        // The default seccomp profile and AppArmor refuse the mount and unshare calls buildah makes.
+        seccomp_profile: Some(SeccompProfile { type_: "Unconfined".into(), ..Default::default() }),
+        app_armor_profile: Some(AppArmorProfile { type_: "Unconfined".into(), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+fn small_resources() -> ResourceRequirements {
+    let q = |s: &str| Quantity(s.into());
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([("cpu".into(), q("50m")), ("memory".into(), q("32Mi"))])),
+        limits: Some(BTreeMap::from([("memory".into(), q("256Mi"))])),
+        ..Default::default()
+    }
+}
+
+/// The clone script: fetch exactly the commit, credentials from the environment via a helper
+/// (never written to disk), then check it out.
+const CLONE_SCRIPT: &str = r#"set -eu
+cd /workspace
+git init -q .
+if [ -n "${GIT_USERNAME:-}" ]; then
+  git config credential.helper '!f() { echo "username=$GIT_USERNAME"; echo "password=$GIT_PASSWORD"; }; f'
+fi
+git fetch -q --depth 1 "$BOB_GIT_URL" "$BOB_GIT_COMMIT"
+git -c advice.detachedHead=false checkout -q FETCH_HEAD
+echo "checked out $BOB_GIT_COMMIT"
+"#;
+
+/// Builds the desired pod for an ImageBuild.
+pub fn build_pod(ib: &ImageBuild, p: &PodInputs<'_>) -> Result<Pod, Invalid> {
+    let name = ib.metadata.name.clone().unwrap_or_default();
+    let spec = &ib.spec;
+    let addr = format!("127.0.0.1:{}", p.cfg.proxy_port);
+    let workspace_tag = p.workspace_ref.rsplit(':').next().unwrap_or_default();
+    let label_key: String = p.key.unwrap_or(workspace_tag).chars().take(32).collect();
+    let pod_name = format!(
+        "{}-{}",
+        name.chars().take(40).collect::<String>().trim_end_matches('-'),
+        &label_key[..label_key.len().min(10)]
+    );
+
+    let mut volumes = vec![empty_dir("workspace"), empty_dir("storage"), empty_dir("tmp")];
+    let mut annotations =
+        BTreeMap::from([(ANNOTATION_WORKSPACE_REF.to_string(), p.workspace_ref.to_string())]);
+    if let Some(k) = p.key {
+        annotations.insert(ANNOTATION_KEY.into(), k.into());
+    }
+
+    let mut proxy_env = vec![
+        env("BOB_PROXY_ADDR", &addr),
+        env("BOB_PROXY_BASE_REF", p.base_ref),
+        env("BOB_PROXY_TARGET_REF", p.workspace_ref),
+        env("BOB_PROXY_MIRROR_REFS", p.from_refs.join(",")),
+    ];
+    let mut proxy_mounts = Vec::new();
+    if let Some(auth) = &spec.registry_auth {
+        volumes.push(Volume {
+            name: "registry-auth".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(auth.secret_ref.name.clone()),
+                items: Some(vec![KeyToPath {
+                    key: ".dockerconfigjson".into(),
+                    path: "config.json".into(),
+                    mode: None,
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        proxy_mounts.push(mount("registry-auth", REGISTRY_AUTH_DIR, true));
+        proxy_env.push(env("BOB_AUTH_FILE", format!("{REGISTRY_AUTH_DIR}/config.json")));
+    }
+
+    let image_source = spec.source.image.is_some();
+    if image_source {
+        proxy_env.push(env("BOB_PROXY_BASE_READ_ONLY", "true"));
+    }
+    let check = ExecAction { command: Some(vec!["bob".into(), "proxy".into(), "--check".into()]) };
+    let proxy = Container {
+        name: "proxy".into(),
+        image: Some(p.cfg.image.clone()),
+        command: Some(vec!["bob".into(), "proxy".into()]),
+        env: Some(proxy_env),
+        volume_mounts: Some(proxy_mounts),
+        restart_policy: Some("Always".into()),
+        startup_probe: Some(Probe {
+            exec: Some(check),
+            period_seconds: Some(1),
+            failure_threshold: Some(30),
+            ..Default::default()
+        }),
+        resources: Some(small_resources()),
+        security_context: Some(restricted()),
+        ..Default::default()
+    };
+
+    let tag = |r: &str| r.rsplit_once(':').map(|(_, t)| t.to_string()).unwrap_or_else(|| "latest".into());
+    let base_local = match p.base_ref.split_once('@') {
+        Some((_, digest)) => format!("{addr}/base@{digest}"),
+        None => format!("{addr}/base:{}", tag(p.base_ref)),
+    };
+    let mut build_env = vec![
+        env("BOB_PROXY_ADDR", &addr),
+        env("BOB_BASE_REF", base_local),
+        env("BOB_TARGET_REF", format!("{addr}/target:{workspace_tag}")),
+        env("BOB_BUILD_BASE", (!image_source).to_string()),
+        env("BOB_TERMINATION_MESSAGE_PATH", "/dev/termination-log"),
+        env("BOB_STORAGE_ROOT", "/var/lib/bob/storage"),
+        env("BOB_STORAGE_RUNROOT", "/var/lib/bob/run"),
+        env("BOB_ISOLATION", if p.cfg.isolation == Isolation::Oci { "oci" } else { "chroot" }),
+        env("TMPDIR", "/tmp"),
+    ];
+    let mut build_mounts = vec![mount("storage", "/var/lib/bob", false), mount("tmp", "/tmp", false)];
+    let mut init = Vec::new();
+    if let Some(d) = &spec.source.dockerfile {
+        build_env.push(env("BOB_FROM_REFS", p.from_refs.join(",")));
+        if !d.build_args.is_empty() {
+            build_env.push(env("BOB_BUILD_ARGS", serde_json::to_string(&d.build_args).unwrap_or_default()));
+        }
+        if let Some(t) = &d.target {
+            build_env.push(env("BOB_BUILD_TARGET", t));
+        }
+        build_mounts.push(mount("workspace", WORKSPACE, true));
+        match (&d.inline, &d.git) {
+            (Some(text), _) => {
+                annotations.insert(ANNOTATION_DOCKERFILE.into(), text.clone());
+                volumes.push(Volume {
+                    name: "dockerfile".into(),
+                    downward_api: Some(DownwardAPIVolumeSource {
+                        items: Some(vec![DownwardAPIVolumeFile {
+                            path: "Dockerfile".into(),
+                            field_ref: Some(ObjectFieldSelector {
+                                field_path: format!("metadata.annotations['{ANNOTATION_DOCKERFILE}']"),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }]),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                });
+                build_mounts.push(mount("dockerfile", DOCKERFILE_DIR, true));
+                build_env.push(env("BOB_DOCKERFILE_PATH", format!("{DOCKERFILE_DIR}/Dockerfile")));
+                build_env.push(env("BOB_CONTEXT_DIR", WORKSPACE));
+            }
+            (None, Some(git)) => {
+                let (Some(inputs), Some(KeySource::Git { commit })) = (p.inputs, p.inputs.map(|i| &i.source))
+                else {
+                    return Err(Invalid {
+                        field: "spec.source.dockerfile.git".into(),
+                        message: "not resolved".into(),
+                    });
+                };
+                build_env.push(env("BOB_DOCKERFILE_PATH", format!("{WORKSPACE}/{}", inputs.dockerfile_path)));
+                build_env.push(env("BOB_CONTEXT_DIR", format!("{WORKSPACE}/{}", inputs.context_path)));
+                init.push(clone_container(git, commit, p.cfg));
+            }
+            (None, None) => {
+                return Err(Invalid { field: "spec.source.dockerfile".into(), message: "empty".into() });
+            }
+        }
+    }
+    init.push(proxy);
+    let knobs = spec.pod.clone().unwrap_or_default();
+    let build = Container {
+        name: "build".into(),
+        image: Some(p.cfg.image.clone()),
+        command: Some(vec!["bob".into(), "build".into()]),
+        env: Some(build_env),
+        volume_mounts: Some(build_mounts),
+        resources: knobs.resources.clone(),
+        security_context: Some(builder(p.cfg.security)),
+        termination_message_path: Some("/dev/termination-log".into()),
+        termination_message_policy: Some("File".into()),
+        ..Default::default()
+    };
+    let timeout = spec.timeouts.as_ref().and_then(|t| t.build.as_deref()).map(|b| {
+        crate::cli::parse_duration(b).map_err(|e| Invalid { field: "spec.timeouts.build".into(), message: e })
+    });
+    let deadline = match timeout {
+        Some(t) => t?.as_secs().max(1),
+        None => p.cfg.build_timeout.as_secs(),
+    };
+
+    let labels = BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "bob".to_string()),
+        ("app.kubernetes.io/component".to_string(), "build".to_string()),
+        ("app.kubernetes.io/managed-by".to_string(), "bob".to_string()),
+        (
+            LABEL_IMAGEBUILD.to_string(),
+            name.chars().take(63).collect::<String>().trim_end_matches(['-', '.', '_']).to_string(),
+        ),
+        (LABEL_KEY.to_string(), label_key),
+    ]);
+    Ok(Pod {
+        metadata: ObjectMeta {
+            name: Some(pod_name),
+            namespace: ib.metadata.namespace.clone(),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            owner_references: ib.controller_owner_ref(&()).map(|o| vec![o]),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            restart_policy: Some("Never".into()),
+            active_deadline_seconds: Some(deadline as i64),
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            host_users: (p.cfg.security == BuildSecurity::UserNamespace).then_some(false),
+            service_account_name: knobs.service_account_name,
+            node_selector: knobs.node_selector,
+            tolerations: knobs.tolerations,
+            priority_class_name: knobs.priority_class_name,
+            init_containers: Some(init),
+            containers: vec![build],
+            volumes: Some(volumes),
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+fn clone_container(git: &crate::crd::GitSource, commit: &str, cfg: &PlanConfig) -> Container {
+    let mut envs = vec![env("BOB_GIT_URL", &git.url), env("BOB_GIT_COMMIT", commit), env("HOME", "/tmp")];
+    if let Some(s) = &git.credentials_secret_ref {
+        envs.push(secret_env("GIT_USERNAME", &s.name, "username"));
+        envs.push(secret_env("GIT_PASSWORD", &s.name, "password"));
+    }
+    Container {
+        name: "clone".into(),
+        image: Some(cfg.image.clone()),
+        command: Some(vec!["sh".into(), "-c".into(), CLONE_SCRIPT.into()]),
+        env: Some(envs),
+        volume_mounts: Some(vec![mount("workspace", WORKSPACE, false), mount("tmp", "/tmp", false)]),
+        resources: Some(small_resources()),
+        security_context: Some(restricted()),
+        ..Default::default()
+    }
+}
