@@ -129,7 +129,7 @@ fn inline_dockerfile_is_keyed_pinned_and_projected_from_an_annotation() {
     assert_eq!(key, inputs.key().unwrap(), "the key is the documented function of the inputs");
     assert_eq!(p.base_ref, format!("registry.example.com/workspaces/base:{key}"));
     let pin = format!("registry.example.com/library/busybox:1.36@{DIGEST}");
-    assert_eq!(p.from_refs, [pin.clone()]);
+    assert_eq!(p.from_refs, std::slice::from_ref(&pin));
     assert_eq!(env(container(&p.pod, "proxy"))["BOB_PROXY_MIRROR_REFS"], pin);
     let build = env(container(&p.pod, "build"));
     assert_eq!(build["BOB_FROM_REFS"], pin);
