@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::build::BuildArgs;
 use crate::copy::CopyArgs;
+use crate::local::RunArgs;
 use crate::proxy::ProxyArgs;
 
 /// bob: a Kubernetes-native builder of workspace images.
@@ -25,6 +26,8 @@ pub enum Command {
     Proxy(ProxyArgs),
     /// Build pod main container: build the base from a Dockerfile, copy it to the workspace image.
     Build(BuildArgs),
+    /// Run one ImageBuild locally (no cluster): resolve, check the cache, build, verify, print status.
+    Run(RunArgs),
     /// Print the ImageBuild CRD (YAML) generated from the Rust types.
     Crd,
     /// Copy an image (or a whole index) between registries, keeping its digest.

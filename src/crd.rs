@@ -206,8 +206,10 @@ pub struct ImageRef {
     #[serde(rename = "ref")]
     pub reference: String,
     /// The manifest digest.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
     /// The digest's first 12 hex digits, for `kubectl get`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub short_digest: Option<String>,
 }
 
@@ -231,8 +233,10 @@ pub struct BuildFailure {
     /// One line: what failed and what to fix.
     pub message: String,
     /// The container that failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
     /// The last lines of the build's output.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub log_tail: Option<String>,
 }
 
@@ -241,33 +245,46 @@ pub struct BuildFailure {
 #[serde(rename_all = "camelCase")]
 pub struct ImageBuildStatus {
     /// Where the build is.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
     /// Why it is in this phase (CamelCase, one closed set).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<crate::reason::Reason>,
     /// A human-readable line.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// Standard conditions (`Ready`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The generation this status describes.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// The build key (Dockerfile sources).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cache_key: Option<String>,
     /// Whether the workspace image existed, so nothing was built.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cache_hit: Option<bool>,
     /// The base image.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub base_image: Option<ImageRef>,
     /// The workspace image.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub output: Option<ImageRef>,
     /// The build pod.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub pod_name: Option<String>,
     /// Build pods started for this generation.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub attempts: Option<i32>,
     /// When the build started.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
     /// When it reached a terminal phase.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
     /// Details of a failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub failure: Option<BuildFailure>,
 }
 

@@ -9,6 +9,7 @@ pub mod controller;
 pub mod copy;
 pub mod crd;
 pub mod key;
+pub mod local;
 pub mod oci;
 pub mod proxy;
 pub mod reason;

@@ -22,6 +22,14 @@ fn main() -> ExitCode {
             Command::Proxy(args) => bob::proxy::run(args).await?,
             Command::Copy(args) => bob::copy::run(args).await?,
             Command::Crd => print!("{}", bob::crd::crd_yaml()),
+            Command::Run(args) => {
+                let status = bob::local::run(args).await?;
+                print!("{}", serde_saphyr::to_string(&serde_json::json!({ "status": status }))?);
+                if status.phase != Some(bob::crd::Phase::Succeeded) {
+                    let reason = status.reason.map(|r| r.to_string()).unwrap_or_default();
+                    anyhow::bail!("run failed: {reason}: {}", status.message.unwrap_or_default());
+                }
+            }
             Command::Build(args) => {
                 let result = bob::build::run(args).await;
                 if let (Some(reason), Some(message)) = (result.reason, result.message) {

@@ -1,4 +1,4 @@
-//! The one closed set of failure reasons bob reports: `bob build` writes them into its result,
+//! The one closed set of reasons bob reports: `bob build` writes them into its result,
 //! and the controller puts them in `status.reason`, events and metric labels. New reasons are
 //! added here (never spelled elsewhere) so the set stays bounded.
 
@@ -6,11 +6,18 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// Why a build failed. Serialised in CamelCase (`"BuildStepFailed"`), as Kubernetes reasons are.
+/// Why an ImageBuild is where it is (mostly: why it failed). Serialised in CamelCase
+/// (`"BuildStepFailed"`), as Kubernetes reasons are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum Reason {
+    /// Succeeded: the image was built and verified in the registry.
+    Built,
+    /// Succeeded: the workspace image already existed; nothing ran.
+    CacheHit,
     /// The ImageBuild's spec is invalid (a field the schema could not check).
     InvalidSpec,
+    /// The git source could not be resolved or fetched (revision, URL, credentials).
+    SourceFetchFailed,
     /// The build's configuration (environment, flags) is invalid.
     InvalidConfig,
     /// The Dockerfile is not where the ImageBuild says.
@@ -35,13 +42,20 @@ pub enum Reason {
     OutOfMemory,
     /// The build printed nothing for longer than the watchdog allows.
     NoProgress,
+    /// The build reported success, but the registry does not hold the workspace image with the
+    /// reported digest.
+    VerifyFailed,
     /// A bug or an unexpected state in bob itself.
     Internal,
 }
 
 impl Reason {
     /// Every reason, for documentation and exhaustive tests.
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 18] = [
+        Reason::Built,
+        Reason::CacheHit,
+        Reason::SourceFetchFailed,
+        Reason::VerifyFailed,
         Reason::InvalidSpec,
         Reason::InvalidConfig,
         Reason::DockerfileNotFound,
@@ -61,6 +75,10 @@ impl Reason {
     /// The CamelCase name, as in status and events.
     pub fn as_str(self) -> &'static str {
         match self {
+            Reason::Built => "Built",
+            Reason::CacheHit => "CacheHit",
+            Reason::SourceFetchFailed => "SourceFetchFailed",
+            Reason::VerifyFailed => "VerifyFailed",
             Reason::InvalidSpec => "InvalidSpec",
             Reason::InvalidConfig => "InvalidConfig",
             Reason::DockerfileNotFound => "DockerfileNotFound",
@@ -84,6 +102,7 @@ impl Reason {
         matches!(
             self,
             Reason::InvalidSpec
+                | Reason::SourceFetchFailed
                 | Reason::InvalidConfig
                 | Reason::DockerfileNotFound
                 | Reason::DockerfileInvalid

@@ -140,18 +140,25 @@ fn small_resources() -> ResourceRequirements {
     }
 }
 
-/// The clone script: fetch exactly the commit, credentials from the environment via a helper
-/// (never written to disk), then check it out.
-const CLONE_SCRIPT: &str = r#"set -eu
+/// The git credential helper: answers git from `GIT_USERNAME`/`GIT_PASSWORD`, so credentials are
+/// never written to disk. Used by the clone container and by `bob run`'s resolver.
+pub const GIT_CREDENTIAL_HELPER: &str =
+    r#"!f() { echo "username=$GIT_USERNAME"; echo "password=$GIT_PASSWORD"; }; f"#;
+
+/// The clone script: fetch exactly the commit (with the credential helper when credentials are
+/// given), then check it out.
+fn clone_script() -> String {
+    format!(
+        r#"set -eu
 cd /workspace
 git init -q .
-if [ -n "${GIT_USERNAME:-}" ]; then
-  git config credential.helper '!f() { echo "username=$GIT_USERNAME"; echo "password=$GIT_PASSWORD"; }; f'
-fi
+if [ -n "${{GIT_USERNAME:-}}" ]; then git config credential.helper '{GIT_CREDENTIAL_HELPER}'; fi
 git fetch -q --depth 1 "$BOB_GIT_URL" "$BOB_GIT_COMMIT"
 git -c advice.detachedHead=false checkout -q FETCH_HEAD
 echo "checked out $BOB_GIT_COMMIT"
-"#;
+"#
+    )
+}
 
 /// Builds the desired pod for an ImageBuild.
 pub fn build_pod(ib: &ImageBuild, p: &PodInputs<'_>) -> Result<Pod, Invalid> {
@@ -356,7 +363,7 @@ fn clone_container(git: &crate::crd::GitSource, commit: &str, cfg: &PlanConfig) 
     Container {
         name: "clone".into(),
         image: Some(cfg.image.clone()),
-        command: Some(vec!["sh".into(), "-c".into(), CLONE_SCRIPT.into()]),
+        command: Some(vec!["sh".into(), "-c".into(), clone_script()]),
         env: Some(envs),
         volume_mounts: Some(vec![mount("workspace", WORKSPACE, false), mount("tmp", "/tmp", false)]),
         resources: Some(small_resources()),

@@ -1,0 +1,237 @@
+//! `bob run -f imagebuild.yaml`: one ImageBuild on a laptop or in CI, without a cluster. It
+//! resolves what the controller would, checks the cache (a hit runs nothing), runs the planned
+//! pod's containers as local processes, verifies the digest in the registry and returns the
+//! status the controller would write.
+
+pub mod input;
+pub mod pod;
+pub mod resolve;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+
+use crate::build::{BuildResult, Isolation};
+use crate::controller::{PlanConfig, plan};
+use crate::crd::{BuildFailure, ImageBuildStatus, ImageRef, Phase};
+use crate::oci::{CredentialStore, Reference};
+use crate::reason::Reason;
+use input::Input;
+use resolve::GitAuth;
+
+/// `bob run` options.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RunArgs {
+    /// The ImageBuild YAML (it may also hold the Secrets it names).
+    #[arg(short = 'f', long = "file", env = "BOB_RUN_FILE")]
+    pub file: PathBuf,
+    /// Docker config with registry credentials, when the file holds no registry Secret
+    /// [default: $DOCKER_CONFIG/config.json, else ~/.docker/config.json, else anonymous].
+    #[arg(long, env = "REGISTRY_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+    /// Registries (host or host:port) spoken to over plain HTTP besides loopback ones.
+    #[arg(long = "insecure-registry", env = "BOB_INSECURE_REGISTRIES", value_delimiter = ',')]
+    pub insecure_registries: Vec<String>,
+    /// Isolation of RUN steps: `chroot`, or `oci` (runc).
+    #[arg(long, env = "BOB_ISOLATION", value_enum, default_value = "chroot")]
+    pub isolation: Isolation,
+    /// Keep the pod's volumes and logs in this directory instead of a temporary one.
+    #[arg(long, env = "BOB_RUN_WORK_DIR")]
+    pub work_dir: Option<PathBuf>,
+}
+
+/// Why `bob run` could not even start (everything after start-up ends in a status).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file is unusable.
+    #[error(transparent)]
+    Input(#[from] input::Error),
+    /// The credentials cannot be read.
+    #[error("cannot read registry credentials")]
+    Credentials(#[source] crate::oci::credentials::Error),
+    /// The registry client cannot be built.
+    #[error("cannot build the registry client")]
+    Client(#[source] crate::copy::Error),
+    /// Building a Dockerfile needs root (buildah).
+    #[error("bob run builds Dockerfiles with buildah, which needs root: run it as root (sudo)")]
+    NotRoot,
+    /// No scratch directory.
+    #[error("cannot create a work directory")]
+    Work(#[source] std::io::Error),
+}
+
+/// Runs the ImageBuild of `args.file`; the status says how it ended.
+pub async fn run(args: RunArgs) -> Result<ImageBuildStatus, Error> {
+    let input = Input::read(&args.file)?;
+    let ib = &input.image_build;
+    if ib.spec.source.dockerfile.is_some() && !rustix::process::geteuid().is_root() {
+        return Err(Error::NotRoot);
+    }
+    let docker_config = registry_config(&input, args.auth_file.as_ref())?;
+    let creds = CredentialStore::inline(&docker_config).map_err(Error::Credentials)?;
+    let client = crate::copy::client(creds, &args.insecure_registries, std::time::Duration::from_secs(120))
+        .map_err(Error::Client)?;
+    let temp = tempfile::Builder::new().prefix("bob-run-").tempdir().map_err(Error::Work)?;
+    let work = args.work_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
+    std::fs::create_dir_all(work.join("source")).map_err(Error::Work)?;
+    let mut status = ImageBuildStatus {
+        phase: Some(Phase::Pending),
+        observed_generation: ib.metadata.generation,
+        start_time: Some(Time(Timestamp::now())),
+        ..Default::default()
+    };
+
+    let git_auth = git_auth(&input);
+    let resolved = match resolve::resolve(ib, &client, git_auth.as_ref(), &work.join("source")).await {
+        Ok(r) => r,
+        Err(e) => return Ok(failed(status, e.reason, e.message, None)),
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port());
+    let cfg = PlanConfig {
+        proxy_port: port.map_err(Error::Work)?,
+        isolation: args.isolation,
+        ..Default::default()
+    };
+    let planned = match plan(ib, &resolved, &cfg) {
+        Ok(p) => p,
+        Err(e) => return Ok(failed(status, e.reason(), e.to_string(), None)),
+    };
+    status.cache_key = planned.key.clone();
+    status.base_image = Some(ImageRef::new(&planned.base_ref, resolved.image_digest.clone()));
+    let workspace: Reference = planned.workspace_ref.parse().expect("planned refs parse");
+    if !ib.spec.force_rebuild
+        && let Ok(Some(digest)) = client.manifest_digest(&workspace).await
+    {
+        status.cache_hit = Some(true);
+        status.output = Some(ImageRef::new(&planned.workspace_ref, Some(digest)));
+        return Ok(succeeded(status, Reason::CacheHit, "the workspace image exists; nothing was built"));
+    }
+    status.cache_hit = Some(false);
+    status.phase = Some(Phase::Building);
+    status.pod_name = planned.pod.metadata.name.clone();
+    status.attempts = Some(1);
+    tracing::info!(base = %planned.base_ref, workspace = %planned.workspace_ref, "building");
+
+    let mut secrets = input.secrets.clone();
+    if let Some(auth) = &ib.spec.registry_auth {
+        secrets
+            .entry(auth.secret_ref.name.clone())
+            .or_insert_with(|| BTreeMap::from([(".dockerconfigjson".into(), docker_config.clone())]));
+    }
+    let bob = std::env::current_exe().map_err(Error::Work)?;
+    let outcome = match pod::run(&planned.pod, &secrets, &bob, &work).await {
+        Ok(o) => o,
+        Err(e) => return Ok(failed(status, Reason::InvalidSpec, crate::oci::error::chain(&e), None)),
+    };
+    if let Some((container, why)) = outcome.failed {
+        let reason = if container == "clone" { Reason::SourceFetchFailed } else { Reason::Internal };
+        return Ok(failed(status, reason, format!("container {container} {why}"), Some(container)));
+    }
+    let result: Option<BuildResult> =
+        outcome.termination_message.as_deref().and_then(|m| serde_json::from_str(m).ok());
+    let Some(result) = result else {
+        return Ok(failed(
+            status,
+            Reason::Internal,
+            "the build container wrote no result".into(),
+            Some("build".into()),
+        ));
+    };
+    if let Some(reason) = result.reason {
+        let mut s = failed(status, reason, result.message.clone().unwrap_or_default(), Some("build".into()));
+        if let Some(f) = s.failure.as_mut() {
+            f.log_tail = result.log_tail;
+        }
+        return Ok(s);
+    }
+    status.phase = Some(Phase::Verifying);
+    if let Some(base) = status.base_image.as_mut() {
+        *base = ImageRef::new(&planned.base_ref, result.base_digest.clone());
+    }
+    match client.manifest_digest(&workspace).await {
+        Ok(Some(d)) if Some(&d) == result.target_digest.as_ref() => {
+            status.output = Some(ImageRef::new(&planned.workspace_ref, Some(d)));
+            Ok(succeeded(status, Reason::Built, "built and verified in the registry"))
+        }
+        other => {
+            let found = match other {
+                Ok(Some(d)) => format!("digest {d}"),
+                Ok(None) => "nothing".into(),
+                Err(e) => crate::oci::error::chain(&e),
+            };
+            let want = result.target_digest.unwrap_or_default();
+            let msg = format!(
+                "the build reported {want} but the registry has {found} at {}",
+                planned.workspace_ref
+            );
+            Ok(failed(status, Reason::VerifyFailed, msg, None))
+        }
+    }
+}
+
+/// The docker config the run uses: the file's registry Secret, else a local one, else none.
+fn registry_config(input: &Input, auth_file: Option<&PathBuf>) -> Result<String, Error> {
+    if let Some(auth) = &input.image_build.spec.registry_auth
+        && let Some(json) = input.secret_value(&auth.secret_ref.name, ".dockerconfigjson")
+    {
+        return Ok(json.to_string());
+    }
+    let default = || {
+        let dir = std::env::var_os("DOCKER_CONFIG")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))?;
+        Some(dir.join("config.json")).filter(|p| p.is_file())
+    };
+    match auth_file.cloned().or_else(default) {
+        Some(p) => std::fs::read_to_string(&p).map_err(|source| {
+            Error::Credentials(crate::oci::credentials::Error::Read { path: p.clone(), source })
+        }),
+        None => Ok("{}".into()),
+    }
+}
+
+fn git_auth(input: &Input) -> Option<GitAuth> {
+    let git = input.image_build.spec.source.dockerfile.as_ref()?.git.as_ref()?;
+    let name = &git.credentials_secret_ref.as_ref()?.name;
+    Some(GitAuth {
+        username: input.secret_value(name, "username")?.to_string(),
+        password: crate::oci::Secret::new(input.secret_value(name, "password")?),
+    })
+}
+
+fn ready(status: bool, reason: Reason, message: &str) -> Condition {
+    Condition {
+        type_: "Ready".into(),
+        status: if status { "True" } else { "False" }.into(),
+        reason: reason.to_string(),
+        message: message.into(),
+        last_transition_time: Time(Timestamp::now()),
+        observed_generation: None,
+    }
+}
+
+fn succeeded(mut s: ImageBuildStatus, reason: Reason, message: &str) -> ImageBuildStatus {
+    s.phase = Some(Phase::Succeeded);
+    s.reason = Some(reason);
+    s.message = Some(message.into());
+    s.conditions = vec![ready(true, reason, message)];
+    s.completion_time = Some(Time(Timestamp::now()));
+    s
+}
+
+fn failed(
+    mut s: ImageBuildStatus,
+    reason: Reason,
+    message: String,
+    container: Option<String>,
+) -> ImageBuildStatus {
+    s.phase = Some(Phase::Failed);
+    s.reason = Some(reason);
+    s.conditions = vec![ready(false, reason, &message)];
+    s.failure = Some(BuildFailure { reason, message: message.clone(), container, log_tail: None });
+    s.message = Some(message);
+    s.completion_time = Some(Time(Timestamp::now()));
+    s
+}

@@ -1,0 +1,147 @@
+//! What the controller resolves before planning, done locally: an image source's digest, a git
+//! revision's commit and the Dockerfile at that commit, and every `FROM` image's digest. Registry
+//! lookups use bob's client (with the run's credentials); git runs the `git` program.
+
+use std::path::Path;
+
+use crate::controller::pod::GIT_CREDENTIAL_HELPER;
+use crate::controller::{Resolved, from_images};
+use crate::crd::{GitSource, ImageBuild};
+use crate::oci::Reference;
+use crate::oci::client::Client;
+use crate::reason::Reason;
+
+/// A failure to resolve, with the status reason it maps to.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Error {
+    /// The status reason.
+    pub reason: Reason,
+    /// One line.
+    pub message: String,
+}
+
+fn fail(reason: Reason, message: impl Into<String>) -> Error {
+    Error { reason, message: message.into() }
+}
+
+/// Git credentials (from the source's Secret).
+#[derive(Clone)]
+pub struct GitAuth {
+    /// User name.
+    pub username: String,
+    /// Password or token.
+    pub password: crate::oci::Secret,
+}
+
+/// Runs `git` with the credential helper when `auth` is given; returns stdout or one line.
+pub async fn git(args: &[&str], dir: Option<&Path>, auth: Option<&GitAuth>) -> Result<String, String> {
+    let mut c = tokio::process::Command::new("git");
+    c.env("GIT_TERMINAL_PROMPT", "0").stdin(std::process::Stdio::null());
+    if let Some(a) = auth {
+        c.arg("-c").arg(format!("credential.helper={GIT_CREDENTIAL_HELPER}"));
+        c.env("GIT_USERNAME", &a.username).env("GIT_PASSWORD", a.password.expose());
+    }
+    c.args(args);
+    if let Some(d) = dir {
+        c.current_dir(d);
+    }
+    let out = c
+        .output()
+        .await
+        .map_err(|e| format!("cannot run git ({e}); install it with `apt-get install git`"))?;
+    if out.status.success() {
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    Err(err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("git failed").trim().to_string())
+}
+
+/// The commit a revision names: itself if it is a SHA, else what `git ls-remote` says (branches,
+/// then tags — annotated tags peeled to their commit).
+pub async fn commit(git_source: &GitSource, auth: Option<&GitAuth>) -> Result<String, Error> {
+    let revision = git_source.revision.as_deref().unwrap_or("HEAD");
+    let is_sha =
+        (revision.len() == 40 || revision.len() == 64) && revision.bytes().all(|b| b.is_ascii_hexdigit());
+    if is_sha {
+        return Ok(revision.to_ascii_lowercase());
+    }
+    let out = git(&["ls-remote", &git_source.url, revision], None, auth)
+        .await
+        .map_err(|e| fail(Reason::SourceFetchFailed, format!("git ls-remote {}: {e}", git_source.url)))?;
+    let refs: Vec<(&str, &str)> = out.lines().filter_map(|l| l.split_once('\t')).collect();
+    let wanted = [
+        format!("refs/heads/{revision}"),
+        format!("refs/tags/{revision}^{{}}"),
+        format!("refs/tags/{revision}"),
+        revision.to_string(),
+    ];
+    wanted
+        .iter()
+        .find_map(|w| refs.iter().find(|(_, name)| name == w).map(|(sha, _)| sha.to_string()))
+        .ok_or_else(|| {
+            fail(Reason::SourceFetchFailed, format!("revision {revision:?} not found in {}", git_source.url))
+        })
+}
+
+/// Fetches exactly `commit` of `url` into `dir` and checks it out (what the clone container does).
+pub async fn checkout(url: &str, commit: &str, dir: &Path, auth: Option<&GitAuth>) -> Result<(), Error> {
+    let step =
+        |what: &str, e: String| fail(Reason::SourceFetchFailed, format!("git {what} {url} at {commit}: {e}"));
+    git(&["init", "-q", "."], Some(dir), None).await.map_err(|e| step("init", e))?;
+    git(&["fetch", "-q", "--depth", "1", url, commit], Some(dir), auth)
+        .await
+        .map_err(|e| step("fetch", e))?;
+    git(&["-c", "advice.detachedHead=false", "checkout", "-q", "FETCH_HEAD"], Some(dir), None)
+        .await
+        .map_err(|e| step("checkout", e))?;
+    Ok(())
+}
+
+/// Resolves everything the plan needs. `scratch` is an empty directory for the git checkout.
+pub async fn resolve(
+    ib: &ImageBuild,
+    client: &Client,
+    git_auth: Option<&GitAuth>,
+    scratch: &Path,
+) -> Result<Resolved, Error> {
+    let mut resolved = Resolved::default();
+    if let Some(image) = &ib.spec.source.image {
+        let r = parse(&image.reference)?;
+        resolved.image_digest = Some(digest_of(client, &r, "the source image").await?);
+    }
+    if let Some(git_source) = ib.spec.source.dockerfile.as_ref().and_then(|d| d.git.as_ref()) {
+        let sha = commit(git_source, git_auth).await?;
+        checkout(&git_source.url, &sha, scratch, git_auth).await?;
+        let path = git_source.dockerfile_path.as_deref().unwrap_or("Dockerfile");
+        let text = std::fs::read_to_string(scratch.join(path)).map_err(|e| {
+            fail(
+                Reason::DockerfileNotFound,
+                format!("no Dockerfile at {path} in {} at {sha}: {e}", git_source.url),
+            )
+        })?;
+        resolved.git_commit = Some(sha);
+        resolved.git_dockerfile = Some(text);
+    }
+    let images = from_images(ib, &resolved).map_err(|e| fail(Reason::DockerfileInvalid, e.to_string()))?;
+    for image in images.unwrap_or_default() {
+        let digest = digest_of(client, &parse(&image)?, &format!("FROM {image}")).await?;
+        resolved.from_digests.insert(image, digest);
+    }
+    Ok(resolved)
+}
+
+fn parse(image: &str) -> Result<Reference, Error> {
+    image.parse().map_err(|e| fail(Reason::InvalidSpec, format!("{image:?} is not an image reference: {e}")))
+}
+
+async fn digest_of(client: &Client, r: &Reference, what: &str) -> Result<String, Error> {
+    match client.manifest_digest(r).await {
+        Ok(Some(d)) => Ok(d),
+        Ok(None) => Err(fail(Reason::BaseImagePullFailed, format!("{what} {} does not exist", r.whole()))),
+        Err(e) => Err(fail(
+            Reason::BaseImagePullFailed,
+            format!("cannot resolve {what} {}: {}", r.whole(), crate::oci::error::chain(&e)),
+        )),
+    }
+}
