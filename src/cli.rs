@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::build::BuildArgs;
+use crate::controller::ControllerArgs;
 use crate::copy::CopyArgs;
 use crate::local::RunArgs;
 use crate::proxy::ProxyArgs;
@@ -26,6 +27,8 @@ pub enum Command {
     Proxy(ProxyArgs),
     /// Build pod main container: build the base from a Dockerfile, copy it to the workspace image.
     Build(BuildArgs),
+    /// Reconcile ImageBuilds into build pods (runs in the cluster).
+    Controller(ControllerArgs),
     /// Run one ImageBuild locally (no cluster): resolve, check the cache, build, verify, print status.
     Run(RunArgs),
     /// Print the ImageBuild CRD (YAML) generated from the Rust types.

@@ -21,6 +21,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Proxy(args) => bob::proxy::run(args).await?,
             Command::Copy(args) => bob::copy::run(args).await?,
+            Command::Controller(args) => bob::controller::run(args).await?,
             Command::Crd => print!("{}", bob::crd::crd_yaml()),
             Command::Run(args) => {
                 let status = bob::local::run(args).await?;

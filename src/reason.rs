@@ -45,18 +45,35 @@ pub enum Reason {
     /// The build reported success, but the registry does not hold the workspace image with the
     /// reported digest.
     VerifyFailed,
+    /// The registry Secret named by the ImageBuild does not exist (yet).
+    SecretNotFound,
+    /// The build pod cannot be scheduled (not terminal: the cluster may scale up).
+    Unschedulable,
+    /// The bob image of the build pod cannot be pulled.
+    BuilderImagePullFailed,
+    /// The build pod was evicted (node pressure, preemption).
+    PodEvicted,
+    /// The build pod was deleted before it finished.
+    PodDeleted,
+    /// The build pod failed for a reason bob cannot tell more precisely.
+    PodFailed,
+    /// The build ran longer than its time limit.
+    BuildTimeout,
+    /// The ImageBuild waited longer than its queue time limit.
+    QueueTimeout,
+    /// A registry did not answer (unreachable, timeout, 5xx): retried, not the user's fault.
+    RegistryUnavailable,
     /// A bug or an unexpected state in bob itself.
     Internal,
 }
 
 impl Reason {
     /// Every reason, for documentation and exhaustive tests.
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 27] = [
         Reason::Built,
         Reason::CacheHit,
-        Reason::SourceFetchFailed,
-        Reason::VerifyFailed,
         Reason::InvalidSpec,
+        Reason::SourceFetchFailed,
         Reason::InvalidConfig,
         Reason::DockerfileNotFound,
         Reason::DockerfileInvalid,
@@ -69,6 +86,16 @@ impl Reason {
         Reason::DiskFull,
         Reason::OutOfMemory,
         Reason::NoProgress,
+        Reason::VerifyFailed,
+        Reason::SecretNotFound,
+        Reason::Unschedulable,
+        Reason::BuilderImagePullFailed,
+        Reason::PodEvicted,
+        Reason::PodDeleted,
+        Reason::PodFailed,
+        Reason::BuildTimeout,
+        Reason::QueueTimeout,
+        Reason::RegistryUnavailable,
         Reason::Internal,
     ];
 
@@ -77,9 +104,8 @@ impl Reason {
         match self {
             Reason::Built => "Built",
             Reason::CacheHit => "CacheHit",
-            Reason::SourceFetchFailed => "SourceFetchFailed",
-            Reason::VerifyFailed => "VerifyFailed",
             Reason::InvalidSpec => "InvalidSpec",
+            Reason::SourceFetchFailed => "SourceFetchFailed",
             Reason::InvalidConfig => "InvalidConfig",
             Reason::DockerfileNotFound => "DockerfileNotFound",
             Reason::DockerfileInvalid => "DockerfileInvalid",
@@ -92,6 +118,16 @@ impl Reason {
             Reason::DiskFull => "DiskFull",
             Reason::OutOfMemory => "OutOfMemory",
             Reason::NoProgress => "NoProgress",
+            Reason::VerifyFailed => "VerifyFailed",
+            Reason::SecretNotFound => "SecretNotFound",
+            Reason::Unschedulable => "Unschedulable",
+            Reason::BuilderImagePullFailed => "BuilderImagePullFailed",
+            Reason::PodEvicted => "PodEvicted",
+            Reason::PodDeleted => "PodDeleted",
+            Reason::PodFailed => "PodFailed",
+            Reason::BuildTimeout => "BuildTimeout",
+            Reason::QueueTimeout => "QueueTimeout",
+            Reason::RegistryUnavailable => "RegistryUnavailable",
             Reason::Internal => "Internal",
         }
     }
@@ -102,6 +138,7 @@ impl Reason {
         matches!(
             self,
             Reason::InvalidSpec
+                | Reason::SecretNotFound
                 | Reason::SourceFetchFailed
                 | Reason::InvalidConfig
                 | Reason::DockerfileNotFound

@@ -160,6 +160,16 @@ echo "checked out $BOB_GIT_COMMIT"
     )
 }
 
+/// The build pod's name: the same for every ImageBuild of the namespace that builds the same
+/// workspace image with the same registry Secret, so they share one pod (and a restarted
+/// controller finds it again); a new attempt gets a new name.
+pub fn pod_name(registry_secret: Option<&str>, workspace_ref: &str, attempt: u32) -> String {
+    use sha2::{Digest, Sha256};
+    let sum = Sha256::digest(format!("{}\n{workspace_ref}", registry_secret.unwrap_or("")).as_bytes());
+    let hex: String = sum.iter().take(10).map(|b| format!("{b:02x}")).collect();
+    format!("bob-build-{hex}-{attempt}")
+}
+
 /// Builds the desired pod for an ImageBuild.
 pub fn build_pod(ib: &ImageBuild, p: &PodInputs<'_>) -> Result<Pod, Invalid> {
     let name = ib.metadata.name.clone().unwrap_or_default();
@@ -167,11 +177,8 @@ pub fn build_pod(ib: &ImageBuild, p: &PodInputs<'_>) -> Result<Pod, Invalid> {
     let addr = format!("127.0.0.1:{}", p.cfg.proxy_port);
     let workspace_tag = p.workspace_ref.rsplit(':').next().unwrap_or_default();
     let label_key: String = p.key.unwrap_or(workspace_tag).chars().take(32).collect();
-    let pod_name = format!(
-        "{}-{}",
-        name.chars().take(40).collect::<String>().trim_end_matches('-'),
-        &label_key[..label_key.len().min(10)]
-    );
+    let secret = spec.registry_auth.as_ref().map(|a| a.secret_ref.name.as_str());
+    let pod_name = pod_name(secret, p.workspace_ref, 1);
 
     let mut volumes = vec![empty_dir("workspace"), empty_dir("storage"), empty_dir("tmp")];
     let mut annotations =
@@ -225,6 +232,8 @@ pub fn build_pod(ib: &ImageBuild, p: &PodInputs<'_>) -> Result<Pod, Invalid> {
         }),
         resources: Some(small_resources()),
         security_context: Some(restricted()),
+        // Its last log lines become the termination message when it fails: evidence for status.
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Default::default()
     };
 
@@ -368,6 +377,7 @@ fn clone_container(git: &crate::crd::GitSource, commit: &str, cfg: &PlanConfig) 
         volume_mounts: Some(vec![mount("workspace", WORKSPACE, false), mount("tmp", "/tmp", false)]),
         resources: Some(small_resources()),
         security_context: Some(restricted()),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Default::default()
     }
 }

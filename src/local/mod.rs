@@ -5,21 +5,20 @@
 
 pub mod input;
 pub mod pod;
-pub mod resolve;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::build::{BuildResult, Isolation};
-use crate::controller::{PlanConfig, plan};
+use crate::controller::resolve::{self, GitAuth};
+use crate::controller::{PlanConfig, plan, status};
 use crate::crd::{BuildFailure, ImageBuildStatus, ImageRef, Phase};
 use crate::oci::{CredentialStore, Reference};
 use crate::reason::Reason;
 use input::Input;
-use resolve::GitAuth;
 
 /// `bob run` options.
 #[derive(clap::Args, Clone, Debug)]
@@ -201,37 +200,15 @@ fn git_auth(input: &Input) -> Option<GitAuth> {
     })
 }
 
-fn ready(status: bool, reason: Reason, message: &str) -> Condition {
-    Condition {
-        type_: "Ready".into(),
-        status: if status { "True" } else { "False" }.into(),
-        reason: reason.to_string(),
-        message: message.into(),
-        last_transition_time: Time(Timestamp::now()),
-        observed_generation: None,
-    }
-}
-
-fn succeeded(mut s: ImageBuildStatus, reason: Reason, message: &str) -> ImageBuildStatus {
-    s.phase = Some(Phase::Succeeded);
-    s.reason = Some(reason);
-    s.message = Some(message.into());
-    s.conditions = vec![ready(true, reason, message)];
-    s.completion_time = Some(Time(Timestamp::now()));
-    s
+fn succeeded(s: ImageBuildStatus, reason: Reason, message: &str) -> ImageBuildStatus {
+    status::succeeded(s, reason, message)
 }
 
 fn failed(
-    mut s: ImageBuildStatus,
+    s: ImageBuildStatus,
     reason: Reason,
     message: String,
     container: Option<String>,
 ) -> ImageBuildStatus {
-    s.phase = Some(Phase::Failed);
-    s.reason = Some(reason);
-    s.conditions = vec![ready(false, reason, &message)];
-    s.failure = Some(BuildFailure { reason, message: message.clone(), container, log_tail: None });
-    s.message = Some(message);
-    s.completion_time = Some(Time(Timestamp::now()));
-    s
+    status::failed(s, BuildFailure { reason, message, container, log_tail: None })
 }

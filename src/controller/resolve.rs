@@ -1,11 +1,11 @@
-//! What the controller resolves before planning, done locally: an image source's digest, a git
-//! revision's commit and the Dockerfile at that commit, and every `FROM` image's digest. Registry
-//! lookups use bob's client (with the run's credentials); git runs the `git` program.
+//! What is resolved before planning (by the controller and by `bob run`): an image source's
+//! digest, a git revision's commit and the Dockerfile at that commit, and every `FROM` image's
+//! digest. Registry lookups use bob's client with the build's credentials; git runs `git`.
 
 use std::path::Path;
 
-use crate::controller::pod::GIT_CREDENTIAL_HELPER;
-use crate::controller::{Resolved, from_images};
+use super::pod::GIT_CREDENTIAL_HELPER;
+use super::{Resolved, from_images};
 use crate::crd::{GitSource, ImageBuild};
 use crate::oci::Reference;
 use crate::oci::client::Client;
@@ -139,9 +139,16 @@ async fn digest_of(client: &Client, r: &Reference, what: &str) -> Result<String,
     match client.manifest_digest(r).await {
         Ok(Some(d)) => Ok(d),
         Ok(None) => Err(fail(Reason::BaseImagePullFailed, format!("{what} {} does not exist", r.whole()))),
-        Err(e) => Err(fail(
-            Reason::BaseImagePullFailed,
-            format!("cannot resolve {what} {}: {}", r.whole(), crate::oci::error::chain(&e)),
-        )),
+        Err(e) => {
+            let reason = if e.kind() == crate::oci::client::Kind::Unreachable {
+                Reason::RegistryUnavailable
+            } else {
+                Reason::BaseImagePullFailed
+            };
+            Err(fail(
+                reason,
+                format!("cannot resolve {what} {}: {}", r.whole(), crate::oci::error::chain(&e)),
+            ))
+        }
     }
 }

@@ -1,0 +1,290 @@
+//! One reconcile as named steps: for a new generation, resolve (Secrets, commit, digests) →
+//! plan (pure) → cache check (a hit costs no pod) → apply the pod (server-side apply; a pod that
+//! another ImageBuild with the same key already runs is joined, not duplicated) → status. While
+//! a build runs, the pod is observed (pure, `status.rs`) and a success is verified in the registry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use super::resolve::{self, GitAuth};
+use super::status::{self, PodState, observe};
+use super::{Context, Error, FIELD_MANAGER, plan};
+use crate::crd::{ImageBuild, ImageBuildStatus, ImageRef, Phase};
+use crate::oci::Reference;
+use crate::oci::client::Client;
+use crate::reason::Reason;
+
+/// How long a running build waits between looks when no pod event comes.
+const POLL: Duration = Duration::from_secs(60);
+/// Retry delay of transient problems (registry down, Secret missing).
+const RETRY: Duration = Duration::from_secs(15);
+
+/// Reconciles one ImageBuild.
+pub async fn reconcile(ib: Arc<ImageBuild>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let status = ib.status.clone().unwrap_or_default();
+    let current = status.observed_generation == ib.metadata.generation;
+    if current && status.phase.is_some_and(Phase::is_terminal) {
+        // Terminal phases never change for the same generation.
+        return Ok(Action::await_change());
+    }
+    if current
+        && status.pod_name.is_some()
+        && matches!(status.phase, Some(Phase::Building | Phase::Verifying))
+    {
+        return follow(&ib, &ctx, status).await;
+    }
+    start(&ib, &ctx).await
+}
+
+/// A new generation: everything from the spec, nothing from an older status.
+async fn start(ib: &ImageBuild, ctx: &Context) -> Result<Action, Error> {
+    let fresh = ImageBuildStatus {
+        observed_generation: ib.metadata.generation,
+        start_time: Some(Time(Timestamp::now())),
+        conditions: ib.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default(),
+        ..Default::default()
+    };
+    let (client, git_auth) = match credentials(ib, ctx).await? {
+        Ok(found) => found,
+        Err(missing) => return waiting(ib, ctx, fresh, Reason::SecretNotFound, &missing).await,
+    };
+    let scratch = tempfile::Builder::new().prefix("bob-resolve-").tempdir().map_err(Error::Scratch)?;
+    let resolved = match resolve::resolve(ib, &client, git_auth.as_ref(), scratch.path()).await {
+        Ok(r) => r,
+        Err(e) if e.reason == Reason::RegistryUnavailable => {
+            return waiting(ib, ctx, fresh, e.reason, &e.message).await;
+        }
+        Err(e) => return finish(ib, ctx, status::failed_with(fresh, e.reason, e.message)).await,
+    };
+    let planned = match plan(ib, &resolved, &ctx.plan) {
+        Ok(p) => p,
+        Err(e) => return finish(ib, ctx, status::failed_with(fresh, e.reason(), e.to_string())).await,
+    };
+    let mut s = fresh;
+    s.cache_key = planned.key.clone();
+    s.base_image = Some(ImageRef::new(&planned.base_ref, resolved.image_digest.clone()));
+    let workspace: Reference = planned.workspace_ref.parse().map_err(|_| Error::Internal("planned ref"))?;
+    if !ib.spec.force_rebuild {
+        match client.manifest_digest(&workspace).await {
+            Ok(Some(digest)) => {
+                s.cache_hit = Some(true);
+                s.output = Some(ImageRef::new(&planned.workspace_ref, Some(digest)));
+                return finish(
+                    ib,
+                    ctx,
+                    status::succeeded(s, Reason::CacheHit, "the workspace image exists; nothing was built"),
+                )
+                .await;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let message =
+                    format!("cannot check {}: {}", planned.workspace_ref, crate::oci::error::chain(&e));
+                return waiting(ib, ctx, s, Reason::RegistryUnavailable, &message).await;
+            }
+        }
+    }
+    let pod_name = planned.pod.metadata.name.clone().unwrap_or_default();
+    let joined = apply_pod(ib, ctx, planned.pod).await?;
+    s.cache_hit = Some(false);
+    s.output = Some(ImageRef::new(&planned.workspace_ref, None));
+    s.pod_name = Some(pod_name.clone());
+    s.attempts = Some(1);
+    let message = if joined {
+        format!("joined build pod {pod_name}, started by another ImageBuild with the same key")
+    } else {
+        format!("build pod {pod_name} started")
+    };
+    patch_status(ib, ctx, &status::in_progress(s, Phase::Building, None, &message)).await?;
+    Ok(Action::requeue(POLL))
+}
+
+/// Creates the pod, or joins it as an owner when another ImageBuild of the same key made it.
+/// Returns whether it joined.
+async fn apply_pod(ib: &ImageBuild, ctx: &Context, pod: Pod) -> Result<bool, Error> {
+    let ns = ib.namespace().unwrap_or_else(|| "default".into());
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let Some(existing) = api.get_opt(&name).await.map_err(Error::Kube)? else {
+        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&pod))
+            .await
+            .map_err(Error::Kube)?;
+        tracing::info!(pod = %name, imagebuild = %ib.name_any(), "created build pod");
+        return Ok(false);
+    };
+    let uid = ib.uid().unwrap_or_default();
+    if !existing.owner_references().iter().any(|o| o.uid == uid) {
+        // A non-controller owner: the pod lives while any ImageBuild that needs it lives.
+        let owner = ib.owner_ref(&()).ok_or(Error::Internal("owner reference"))?;
+        let patch = json!({"metadata": {"ownerReferences": [owner]}});
+        api.patch(&name, &PatchParams::default(), &Patch::Strategic(&patch)).await.map_err(Error::Kube)?;
+        tracing::info!(pod = %name, imagebuild = %ib.name_any(), "joined build pod");
+    }
+    Ok(true)
+}
+
+/// A build is running: read the pod, verify a success in the registry.
+async fn follow(ib: &ImageBuild, ctx: &Context, s: ImageBuildStatus) -> Result<Action, Error> {
+    let ns = ib.namespace().unwrap_or_else(|| "default".into());
+    let pod_name = s.pod_name.clone().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(pod) = pods.get_opt(&pod_name).await.map_err(Error::Kube)? else {
+        let message = format!("build pod {pod_name} disappeared before the build finished");
+        return finish(ib, ctx, status::failed_with(s, Reason::PodDeleted, message)).await;
+    };
+    match observe(&pod) {
+        PodState::Waiting(report) => {
+            let (reason, message) =
+                report.map_or((None, format!("build pod {pod_name} is starting")), |(r, m)| (Some(r), m));
+            if s.reason != reason || s.message.as_deref() != Some(message.as_str()) {
+                patch_status(ib, ctx, &status::in_progress(s, Phase::Building, reason, &message)).await?;
+            }
+            Ok(Action::requeue(POLL))
+        }
+        PodState::Running => {
+            if s.reason.is_some() {
+                let message = format!("build pod {pod_name} is running");
+                patch_status(ib, ctx, &status::in_progress(s, Phase::Building, None, &message)).await?;
+            }
+            Ok(Action::requeue(POLL))
+        }
+        PodState::Failed(f) => finish(ib, ctx, status::failed(s, f)).await,
+        PodState::Finished(result) => verify(ib, ctx, s, &result).await,
+    }
+}
+
+/// A build reported success: the workspace image must be in the registry with its digest.
+async fn verify(
+    ib: &ImageBuild,
+    ctx: &Context,
+    mut s: ImageBuildStatus,
+    result: &crate::build::BuildResult,
+) -> Result<Action, Error> {
+    let output = s.output.clone().unwrap_or_default();
+    if let Some(base) = s.base_image.as_mut() {
+        *base = ImageRef::new(base.reference.clone(), result.base_digest.clone());
+    }
+    let (client, _) = match credentials(ib, ctx).await? {
+        Ok(found) => found,
+        Err(missing) => return waiting(ib, ctx, s, Reason::SecretNotFound, &missing).await,
+    };
+    let workspace: Reference = output.reference.parse().map_err(|_| Error::Internal("output ref"))?;
+    match client.manifest_digest(&workspace).await {
+        Ok(Some(d)) if Some(&d) == result.target_digest.as_ref() => {
+            s.output = Some(ImageRef::new(output.reference, Some(d)));
+            finish(ib, ctx, status::succeeded(s, Reason::Built, "built and verified in the registry")).await
+        }
+        Ok(found) => {
+            let found = found.map_or("nothing".to_string(), |d| format!("digest {d}"));
+            let want = result.target_digest.clone().unwrap_or_default();
+            let message = format!(
+                "image build did not produce a workspace image: the build reported {want}, the registry has {found} at {}",
+                output.reference
+            );
+            finish(ib, ctx, status::failed_with(s, Reason::VerifyFailed, message)).await
+        }
+        Err(e) => {
+            let message = format!("cannot verify {}: {}", output.reference, crate::oci::error::chain(&e));
+            patch_status(
+                ib,
+                ctx,
+                &status::in_progress(s, Phase::Verifying, Some(Reason::RegistryUnavailable), &message),
+            )
+            .await?;
+            Ok(Action::requeue(RETRY))
+        }
+    }
+}
+
+/// Not startable yet (a Secret is missing, a registry is down): Pending until the queue time
+/// limit, then Failed.
+async fn waiting(
+    ib: &ImageBuild,
+    ctx: &Context,
+    s: ImageBuildStatus,
+    reason: Reason,
+    message: &str,
+) -> Result<Action, Error> {
+    let limit = ib
+        .spec
+        .timeouts
+        .as_ref()
+        .and_then(|t| t.queue.as_deref())
+        .and_then(|q| crate::cli::parse_duration(q).ok())
+        .unwrap_or(ctx.queue_timeout);
+    let created = ib.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or_else(Timestamp::now);
+    let waited = Timestamp::now().duration_since(created).unsigned_abs();
+    if waited > limit {
+        let message = format!("still waiting after {}s (spec.timeouts.queue): {message}", limit.as_secs());
+        return finish(ib, ctx, status::failed_with(s, Reason::QueueTimeout, message)).await;
+    }
+    patch_status(ib, ctx, &status::in_progress(s, Phase::Pending, Some(reason), message)).await?;
+    Ok(Action::requeue(RETRY))
+}
+
+async fn finish(ib: &ImageBuild, ctx: &Context, s: ImageBuildStatus) -> Result<Action, Error> {
+    tracing::info!(imagebuild = %ib.name_any(), phase = ?s.phase, reason = ?s.reason, "{}", s.message.as_deref().unwrap_or(""));
+    patch_status(ib, ctx, &s).await?;
+    Ok(Action::await_change())
+}
+
+/// Writes the whole status with server-side apply (fields left out are removed).
+pub async fn patch_status(ib: &ImageBuild, ctx: &Context, s: &ImageBuildStatus) -> Result<(), Error> {
+    let ns = ib.namespace().unwrap_or_else(|| "default".into());
+    let api: Api<ImageBuild> = Api::namespaced(ctx.client.clone(), &ns);
+    let body =
+        json!({"apiVersion": ImageBuild::api_version(&()), "kind": ImageBuild::kind(&()), "status": s});
+    api.patch_status(&ib.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
+        .await
+        .map_err(Error::Kube)?;
+    Ok(())
+}
+
+/// The registry client for the ImageBuild's Secret and its git credentials, or which Secret is
+/// missing.
+async fn credentials(
+    ib: &ImageBuild,
+    ctx: &Context,
+) -> Result<Result<(Arc<Client>, Option<GitAuth>), String>, Error> {
+    let ns = ib.namespace().unwrap_or_else(|| "default".into());
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let value = |secret: &Secret, key: &str| {
+        secret.data.as_ref().and_then(|d| d.get(key)).map(|b| String::from_utf8_lossy(&b.0).into_owned())
+    };
+    let client = match &ib.spec.registry_auth {
+        Some(auth) => {
+            let name = &auth.secret_ref.name;
+            let Some(secret) = secrets.get_opt(name).await.map_err(Error::Kube)? else {
+                return Ok(Err(format!("Secret {ns}/{name} (spec.registryAuth) does not exist")));
+            };
+            let Some(json) = value(&secret, ".dockerconfigjson") else {
+                return Ok(Err(format!("Secret {ns}/{name} has no .dockerconfigjson key")));
+            };
+            ctx.registry(&format!("{ns}/{name}@{}", secret.resource_version().unwrap_or_default()), &json)?
+        }
+        None => ctx.registry("", "{}")?,
+    };
+    let git = ib.spec.source.dockerfile.as_ref().and_then(|d| d.git.as_ref());
+    let git_auth = match git.and_then(|g| g.credentials_secret_ref.as_ref()) {
+        Some(r) => {
+            let Some(secret) = secrets.get_opt(&r.name).await.map_err(Error::Kube)? else {
+                return Ok(Err(format!("Secret {ns}/{} (git credentialsSecretRef) does not exist", r.name)));
+            };
+            let (Some(username), Some(password)) = (value(&secret, "username"), value(&secret, "password"))
+            else {
+                return Ok(Err(format!("Secret {ns}/{} needs username and password keys", r.name)));
+            };
+            Some(GitAuth { username, password: crate::oci::Secret::new(password) })
+        }
+        None => None,
+    };
+    Ok(Ok((client, git_auth)))
+}
