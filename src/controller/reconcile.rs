@@ -93,23 +93,35 @@ async fn start(ib: &ImageBuild, ctx: &Context) -> Result<Action, Error> {
         }
     }
     let pod_name = planned.pod.metadata.name.clone().unwrap_or_default();
-    let joined = apply_pod(ib, ctx, planned.pod).await?;
+    let applied = apply_pod(ib, ctx, planned.pod).await?;
     s.cache_hit = Some(false);
     s.output = Some(ImageRef::new(&planned.workspace_ref, None));
     s.pod_name = Some(pod_name.clone());
     s.attempts = Some(1);
-    let message = if joined {
-        format!("joined build pod {pod_name}, started by another ImageBuild with the same key")
-    } else {
-        format!("build pod {pod_name} started")
+    let message = match applied {
+        Applied::Created => format!("build pod {pod_name} started"),
+        Applied::Joined => {
+            format!("joined build pod {pod_name}, started by another ImageBuild with the same key")
+        }
+        Applied::Found => format!("build pod {pod_name} found (started before a restart)"),
     };
     patch_status(ib, ctx, &status::in_progress(s, Phase::Building, None, &message)).await?;
     Ok(Action::requeue(POLL))
 }
 
+/// What applying the build pod did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The pod was created.
+    Created,
+    /// Another ImageBuild of the same key runs it; this one became an owner too.
+    Joined,
+    /// This ImageBuild already owned it (the status write was lost, e.g. by a restart).
+    Found,
+}
+
 /// Creates the pod, or joins it as an owner when another ImageBuild of the same key made it.
-/// Returns whether it joined.
-async fn apply_pod(ib: &ImageBuild, ctx: &Context, pod: Pod) -> Result<bool, Error> {
+async fn apply_pod(ib: &ImageBuild, ctx: &Context, pod: Pod) -> Result<Applied, Error> {
     let ns = ib.namespace().unwrap_or_else(|| "default".into());
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let name = pod.metadata.name.clone().unwrap_or_default();
@@ -118,17 +130,18 @@ async fn apply_pod(ib: &ImageBuild, ctx: &Context, pod: Pod) -> Result<bool, Err
             .await
             .map_err(Error::Kube)?;
         tracing::info!(pod = %name, imagebuild = %ib.name_any(), "created build pod");
-        return Ok(false);
+        return Ok(Applied::Created);
     };
     let uid = ib.uid().unwrap_or_default();
-    if !existing.owner_references().iter().any(|o| o.uid == uid) {
-        // A non-controller owner: the pod lives while any ImageBuild that needs it lives.
-        let owner = ib.owner_ref(&()).ok_or(Error::Internal("owner reference"))?;
-        let patch = json!({"metadata": {"ownerReferences": [owner]}});
-        api.patch(&name, &PatchParams::default(), &Patch::Strategic(&patch)).await.map_err(Error::Kube)?;
-        tracing::info!(pod = %name, imagebuild = %ib.name_any(), "joined build pod");
+    if existing.owner_references().iter().any(|o| o.uid == uid) {
+        return Ok(Applied::Found);
     }
-    Ok(true)
+    // A non-controller owner: the pod lives while any ImageBuild that needs it lives.
+    let owner = ib.owner_ref(&()).ok_or(Error::Internal("owner reference"))?;
+    let patch = json!({"metadata": {"ownerReferences": [owner]}});
+    api.patch(&name, &PatchParams::default(), &Patch::Strategic(&patch)).await.map_err(Error::Kube)?;
+    tracing::info!(pod = %name, imagebuild = %ib.name_any(), "joined build pod");
+    Ok(Applied::Joined)
 }
 
 /// A build is running: read the pod, verify a success in the registry.

@@ -4,6 +4,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod build;
+pub mod fake_api;
 pub mod images;
 pub mod token;
 
