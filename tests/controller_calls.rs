@@ -243,3 +243,33 @@ async fn image_builds_of_one_key_share_one_pod_also_after_a_restart() {
         .count();
     assert_eq!(creates, 1, "the pod was applied once");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminal_phase_is_final_for_its_generation_and_a_new_generation_plans_again() {
+    let (reg, config, _) = registry().await;
+    let secret = registry_secret("reg", &config);
+    let (client, calls) = fake_api(move |c| match (c.method.clone(), c.route().as_str()) {
+        (_, "GET /api/v1/namespaces/default/secrets/reg") => (200, secret.clone()),
+        (Method::GET, r) if r.contains("/pods/") => not_found(),
+        (Method::PATCH, r) if r.contains("/pods/") => (200, c.body.clone()),
+        _ => default_reply(c),
+    });
+    let done = json!({"phase": "Failed", "reason": "BuildStepFailed", "observedGeneration": 1, "message": "step 2/2 failed"});
+    let ib = Arc::new(image_build("edited", image_spec(&reg), Some(done)));
+    let ctx = context(client);
+    reconcile(ib.clone(), ctx.clone()).await.unwrap();
+    assert!(
+        calls.lock().unwrap().is_empty(),
+        "nothing happens to a terminal ImageBuild of the same generation"
+    );
+
+    let mut edited = (*ib).clone();
+    edited.metadata.generation = Some(2);
+    reconcile(Arc::new(edited), ctx).await.unwrap();
+    let status = last_status(&calls.lock().unwrap(), "edited").unwrap();
+    assert_eq!(
+        (status["phase"].as_str(), status["observedGeneration"].as_i64()),
+        (Some("Building"), Some(2))
+    );
+    assert!(status.get("failure").is_none(), "the old generation's failure is gone: {status:#}");
+}
