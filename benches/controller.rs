@@ -4,7 +4,6 @@
 //! Run: `cargo bench --bench controller` (needs docker-registry, as the tests do).
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::sync::Arc;
