@@ -15,7 +15,6 @@ use common::*;
 use http::Method;
 use serde_json::json;
 
-
 fn percentiles(mut v: Vec<Duration>) -> String {
     v.sort();
     let at = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1000.0;

@@ -150,6 +150,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         build_timeout: args.build_timeout,
         security: args.security,
         isolation: args.isolation,
+        insecure_registries: args.insecure_registries.clone(),
         ..Default::default()
     };
     let ctx = Arc::new(Context::new(client, plan, args.queue_timeout, args.insecure_registries.clone()));

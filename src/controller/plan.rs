@@ -74,6 +74,8 @@ pub struct PlanConfig {
     pub security: BuildSecurity,
     /// Isolation of `RUN` steps.
     pub isolation: Isolation,
+    /// Registries the proxy speaks plain HTTP to besides loopback ones (in-cluster registries).
+    pub insecure_registries: Vec<String>,
 }
 
 impl Default for PlanConfig {
@@ -84,6 +86,7 @@ impl Default for PlanConfig {
             build_timeout: Duration::from_secs(3600),
             security: BuildSecurity::UserNamespace,
             isolation: Isolation::Chroot,
+            insecure_registries: Vec::new(),
         }
     }
 }

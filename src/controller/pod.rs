@@ -193,6 +193,9 @@ pub fn build_pod(ib: &ImageBuild, p: &PodInputs<'_>) -> Result<Pod, Invalid> {
         env("BOB_PROXY_TARGET_REF", p.workspace_ref),
         env("BOB_PROXY_MIRROR_REFS", p.from_refs.join(",")),
     ];
+    if !p.cfg.insecure_registries.is_empty() {
+        proxy_env.push(env("BOB_INSECURE_REGISTRIES", p.cfg.insecure_registries.join(",")));
+    }
     let mut proxy_mounts = Vec::new();
     if let Some(auth) = &spec.registry_auth {
         volumes.push(Volume {
