@@ -44,7 +44,7 @@ fn main() {
         let (client, calls) = fake_api(move |c| match (c.method.clone(), c.route().as_str()) {
             (_, "GET /api/v1/namespaces/default/secrets/reg") => (200, secret.clone()),
             (Method::GET, r) if r.contains("/pods/") => not_found(),
-            (Method::PATCH, r) if r.contains("/pods/") => (200, c.body.clone()),
+            (Method::POST, r) if r.ends_with("/pods") => (201, c.body.clone()),
             _ => default_reply(c),
         });
         let ctx = context(client);

@@ -1,6 +1,6 @@
 //! The controller's API calls where they matter, against a fake API (tower-test) and a real
-//! registry: a cache hit writes Succeeded and creates no pod; a new build creates one pod with
-//! server-side apply; a finished build is verified in the registry; ImageBuilds of one key share
+//! registry: a cache hit writes Succeeded and creates no pod; a new build creates one pod; a
+//! finished build is verified in the registry; ImageBuilds of one key share
 //! one pod, also across a controller restart (`Controller::for_stream`).
 
 mod common;
@@ -76,27 +76,24 @@ async fn a_cache_hit_writes_succeeded_and_creates_no_pod() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_new_build_creates_one_pod_with_server_side_apply_then_reports_building() {
+async fn a_new_build_creates_one_pod_then_reports_building() {
     let (reg, config, _) = registry().await;
     let secret = registry_secret("reg", &config);
     let (client, calls) = fake_api(move |c| match (c.method.clone(), c.route().as_str()) {
         (_, "GET /api/v1/namespaces/default/secrets/reg") => (200, secret.clone()),
         (Method::GET, r) if r.contains("/pods/") => not_found(),
-        (Method::PATCH, r) if r.contains("/pods/") => (200, c.body.clone()),
+        (Method::POST, r) if r.ends_with("/pods") => (201, c.body.clone()),
         _ => default_reply(c),
     });
     let ib = Arc::new(image_build("new", image_spec(&reg), None));
     reconcile(ib, context(client)).await.unwrap();
     let calls = calls.lock().unwrap().clone();
-    let applies: Vec<_> =
-        calls.iter().filter(|c| c.method == Method::PATCH && c.path.contains("/pods/")).collect();
-    assert_eq!(applies.len(), 1, "exactly one pod write");
-    let pod = &applies[0].body;
-    assert!(
-        applies[0].path.contains("fieldManager=bob-controller"),
-        "server-side apply: {}",
-        applies[0].path
-    );
+    let writes: Vec<_> =
+        calls.iter().filter(|c| c.method != Method::GET && c.path.contains("/pods")).collect();
+    assert_eq!(writes.len(), 1, "exactly one pod write");
+    let pod = &writes[0].body;
+    assert_eq!(writes[0].method, Method::POST, "created, so one key can never make two pods");
+    assert!(writes[0].path.contains("fieldManager=bob-controller"), "{}", writes[0].path);
     assert_eq!(pod["kind"], "Pod");
     assert_eq!(pod["metadata"]["ownerReferences"][0]["name"], "new");
     let status = last_status(&calls, "new").unwrap();
@@ -132,7 +129,7 @@ async fn verify_case(push_workspace: bool) -> Value {
     reconcile(ib, context(client)).await.unwrap();
     let calls = calls.lock().unwrap().clone();
     assert!(
-        calls.iter().all(|c| !(c.method == Method::PATCH && c.path.contains("/pods/"))),
+        calls.iter().all(|c| c.method == Method::GET || !c.path.contains("/pods")),
         "no pod write while following"
     );
     let mut status = last_status(&calls, "verify").unwrap();
@@ -158,7 +155,7 @@ async fn a_finished_build_is_verified_in_the_registry_before_succeeded() {
 /// Pods by name, kept by the fake API.
 type Pods = Arc<Mutex<BTreeMap<String, Value>>>;
 
-/// A fake API that keeps pods (create by apply, join by strategic merge).
+/// A fake API that keeps pods (a create of an existing one is 409; join by strategic merge).
 fn pod_store(secret: Value) -> (kube::Client, Arc<Mutex<Vec<Call>>>, Pods) {
     let pods = Arc::new(Mutex::new(BTreeMap::<String, Value>::new()));
     let store = pods.clone();
@@ -171,9 +168,13 @@ fn pod_store(secret: Value) -> (kube::Client, Arc<Mutex<Vec<Call>>>, Pods) {
             (Method::GET, r) if r.contains("/pods/") => {
                 pods.get(&name).map_or_else(not_found, |p| (200, p.clone()))
             }
-            (Method::PATCH, r)
-                if r.contains("/pods/") && c.path.contains("fieldManager") && !pods.contains_key(&name) =>
-            {
+            (Method::POST, r) if r.ends_with("/pods") => {
+                let name = c.body["metadata"]["name"].as_str().unwrap().to_string();
+                if pods.contains_key(&name) {
+                    let exists = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                        "reason": "AlreadyExists", "code": 409, "message": "exists"});
+                    return (409, exists);
+                }
                 pods.insert(name, c.body.clone());
                 (201, c.body.clone())
             }
@@ -235,13 +236,9 @@ async fn image_builds_of_one_key_share_one_pod_also_after_a_restart() {
     // A restarted controller whose status writes were lost finds the pod instead of making another.
     run_controller(client, vec![a, b]).await;
     assert_eq!(pods.lock().unwrap().len(), 1, "no duplicate pod after a restart");
-    let creates = calls
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|c| c.method == Method::PATCH && c.path.contains("/pods/") && c.path.contains("fieldManager"))
-        .count();
-    assert_eq!(creates, 1, "the pod was applied once");
+    let stored = pods.lock().unwrap().values().next().unwrap().clone();
+    let owners = stored["metadata"]["ownerReferences"].as_array().unwrap().len();
+    assert_eq!(owners, 2, "no owner was added twice after the restart");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -251,7 +248,7 @@ async fn a_terminal_phase_is_final_for_its_generation_and_a_new_generation_plans
     let (client, calls) = fake_api(move |c| match (c.method.clone(), c.route().as_str()) {
         (_, "GET /api/v1/namespaces/default/secrets/reg") => (200, secret.clone()),
         (Method::GET, r) if r.contains("/pods/") => not_found(),
-        (Method::PATCH, r) if r.contains("/pods/") => (200, c.body.clone()),
+        (Method::POST, r) if r.ends_with("/pods") => (201, c.body.clone()),
         _ => default_reply(c),
     });
     let done = json!({"phase": "Failed", "reason": "BuildStepFailed", "observedGeneration": 1, "message": "step 2/2 failed"});

@@ -1,6 +1,7 @@
 //! One reconcile as named steps: for a new generation, resolve (Secrets, commit, digests) →
-//! plan (pure) → cache check (a hit costs no pod) → apply the pod (server-side apply; a pod that
-//! another ImageBuild with the same key already runs is joined, not duplicated) → status. While
+//! plan (pure) → cache check (a hit costs no pod) → create the pod (a pod that another
+//! ImageBuild with the same key already runs is joined, not duplicated) → status (server-side
+//! apply). While
 //! a build runs, the pod is observed (pure, `status.rs`) and a success is verified in the registry.
 
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -121,16 +122,27 @@ pub enum Applied {
 }
 
 /// Creates the pod, or joins it as an owner when another ImageBuild of the same key made it.
+///
+/// A create, not a server-side apply: two ImageBuilds of one key reconciled at the same moment
+/// would both apply under the one field manager, and the second apply would replace the first's
+/// owner reference. A create is atomic: exactly one wins, the other gets 409 and joins.
 async fn apply_pod(ib: &ImageBuild, ctx: &Context, pod: Pod) -> Result<Applied, Error> {
     let ns = ib.namespace().unwrap_or_else(|| "default".into());
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let name = pod.metadata.name.clone().unwrap_or_default();
-    let Some(existing) = api.get_opt(&name).await.map_err(Error::Kube)? else {
-        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&pod))
-            .await
-            .map_err(Error::Kube)?;
-        tracing::info!(pod = %name, imagebuild = %ib.name_any(), "created build pod");
-        return Ok(Applied::Created);
+    let existing = match api.get_opt(&name).await.map_err(Error::Kube)? {
+        Some(p) => p,
+        None => {
+            let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+            match api.create(&params, &pod).await {
+                Ok(_) => {
+                    tracing::info!(pod = %name, imagebuild = %ib.name_any(), "created build pod");
+                    return Ok(Applied::Created);
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 => api.get(&name).await.map_err(Error::Kube)?,
+                Err(e) => return Err(Error::Kube(e)),
+            }
+        }
     };
     let uid = ib.uid().unwrap_or_default();
     if existing.owner_references().iter().any(|o| o.uid == uid) {
@@ -139,7 +151,8 @@ async fn apply_pod(ib: &ImageBuild, ctx: &Context, pod: Pod) -> Result<Applied, 
     // A non-controller owner: the pod lives while any ImageBuild that needs it lives.
     let owner = ib.owner_ref(&()).ok_or(Error::Internal("owner reference"))?;
     let patch = json!({"metadata": {"ownerReferences": [owner]}});
-    api.patch(&name, &PatchParams::default(), &Patch::Strategic(&patch)).await.map_err(Error::Kube)?;
+    let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+    api.patch(&name, &params, &Patch::Strategic(&patch)).await.map_err(Error::Kube)?;
     tracing::info!(pod = %name, imagebuild = %ib.name_any(), "joined build pod");
     Ok(Applied::Joined)
 }
