@@ -277,6 +277,9 @@ pub struct ImageBuildStatus {
     /// Build pods started for this generation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attempts: Option<i32>,
+    /// When the next attempt may start, after an infrastructure failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<Time>,
     /// When the build started.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,

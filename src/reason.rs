@@ -63,13 +63,15 @@ pub enum Reason {
     QueueTimeout,
     /// A registry did not answer (unreachable, timeout, 5xx): retried, not the user's fault.
     RegistryUnavailable,
+    /// `spec.cancel` stopped the build.
+    Cancelled,
     /// A bug or an unexpected state in bob itself.
     Internal,
 }
 
 impl Reason {
     /// Every reason, for documentation and exhaustive tests.
-    pub const ALL: [Reason; 27] = [
+    pub const ALL: [Reason; 28] = [
         Reason::Built,
         Reason::CacheHit,
         Reason::InvalidSpec,
@@ -96,6 +98,7 @@ impl Reason {
         Reason::BuildTimeout,
         Reason::QueueTimeout,
         Reason::RegistryUnavailable,
+        Reason::Cancelled,
         Reason::Internal,
     ];
 
@@ -128,6 +131,7 @@ impl Reason {
             Reason::BuildTimeout => "BuildTimeout",
             Reason::QueueTimeout => "QueueTimeout",
             Reason::RegistryUnavailable => "RegistryUnavailable",
+            Reason::Cancelled => "Cancelled",
             Reason::Internal => "Internal",
         }
     }
@@ -150,6 +154,27 @@ impl Reason {
     }
 }
 
+impl Reason {
+    /// Whether a failure for this reason is worth a new build pod: the infrastructure failed
+    /// (eviction, a lost pod, a registry or proxy that did not answer, a builder image that could
+    /// not be pulled — perhaps fixed since), not the user's input.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            Reason::PodEvicted
+                | Reason::PodDeleted
+                | Reason::PodFailed
+                | Reason::ProxyUnavailable
+                | Reason::RegistryUnavailable
+                | Reason::BuilderImagePullFailed
+                | Reason::EngineFailed
+                | Reason::PushFailed
+                | Reason::CopyFailed
+                | Reason::DiskFull
+        )
+    }
+}
+
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -168,6 +193,16 @@ mod tests {
             assert_eq!(serde_json::from_str::<Reason>(&format!("\"{r}\"")).unwrap(), r);
             assert!(seen.insert(r.as_str()), "{r} twice");
         }
+    }
+
+    #[test]
+    fn user_errors_are_never_retried() {
+        for r in Reason::ALL {
+            assert!(!(r.is_user_error() && r.is_retryable()), "{r} is both");
+        }
+        assert!(Reason::PodEvicted.is_retryable() && Reason::RegistryUnavailable.is_retryable());
+        assert!(!Reason::BuildStepFailed.is_retryable() && !Reason::InvalidSpec.is_retryable());
+        assert!(!Reason::BuildTimeout.is_retryable() && !Reason::Cancelled.is_retryable());
     }
 
     #[test]

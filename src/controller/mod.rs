@@ -2,8 +2,11 @@
 //! named steps (`reconcile.rs`) around a pure middle (`plan.rs`, `pod.rs`, `status.rs`).
 //! `bob run` uses the same planning code without a cluster.
 
+pub mod lifecycle;
+pub mod metrics;
 pub mod plan;
 pub mod pod;
+pub mod policy;
 pub mod reconcile;
 pub mod resolve;
 pub mod status;
@@ -16,9 +19,12 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
 
+use metrics::{Metrics, ReasonLabel};
 pub use plan::{BuildSecurity, Invalid, Plan, PlanConfig, Resolved, from_images, plan};
+pub use policy::Policy;
 
 use crate::build::Isolation;
 use crate::cli::parse_duration;
@@ -44,6 +50,15 @@ pub enum Error {
     /// The CRD is not installed.
     #[error("the ImageBuild CRD is not installed (bob crd | kubectl apply -f -)")]
     NoCrd(#[source] kube::Error),
+    /// The admin address cannot be bound.
+    #[error("cannot listen on {addr}")]
+    Admin {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A state that should not happen.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -57,6 +72,7 @@ impl Error {
             Error::Registry(_) => "registry",
             Error::Scratch(_) => "scratch",
             Error::NoCrd(_) => "no_crd",
+            Error::Admin { .. } => "admin",
             Error::Internal(_) => "internal",
         }
     }
@@ -86,6 +102,18 @@ pub struct ControllerArgs {
     /// Watch only this namespace [default: all].
     #[arg(long, env = "BOB_WATCH_NAMESPACE")]
     pub namespace: Option<String>,
+    /// Build pods per generation at most: infrastructure failures are retried up to this.
+    #[arg(long, env = "BOB_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10))]
+    pub max_attempts: u32,
+    /// Wait before the first retry; doubles per attempt (at most 5m).
+    #[arg(long, env = "BOB_RETRY_BACKOFF", default_value = "10s", value_parser = parse_duration)]
+    pub retry_backoff: Duration,
+    /// Keep finished build pods instead of deleting them once their evidence is in status.
+    #[arg(long, env = "BOB_KEEP_FINISHED_PODS")]
+    pub keep_finished_pods: bool,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "BOB_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
+    pub admin_addr: String,
 }
 
 /// What every reconcile shares.
@@ -96,19 +124,29 @@ pub struct Context {
     pub plan: PlanConfig,
     /// Default queue time limit.
     pub queue_timeout: Duration,
-    insecure: Vec<String>,
+    /// Retries and cleanup.
+    pub policy: Policy,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Events on the ImageBuilds.
+    pub recorder: Recorder,
     registries: Mutex<HashMap<String, Arc<Client>>>,
 }
 
 impl Context {
     /// A context for `client`.
-    pub fn new(
-        client: kube::Client,
-        plan: PlanConfig,
-        queue_timeout: Duration,
-        insecure: Vec<String>,
-    ) -> Self {
-        Self { client, plan, queue_timeout, insecure, registries: Mutex::default() }
+    pub fn new(client: kube::Client, plan: PlanConfig, queue_timeout: Duration, policy: Policy) -> Self {
+        let reporter =
+            Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("HOSTNAME").ok() };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            plan,
+            queue_timeout,
+            policy,
+            metrics: Arc::default(),
+            registries: Mutex::default(),
+        }
     }
 
     /// The registry client for a docker config, cached under `key` (Secret and resourceVersion),
@@ -121,7 +159,8 @@ impl Context {
         let creds = CredentialStore::inline(docker_config)
             .map_err(|e| Error::Registry(crate::copy::Error::Credentials(e)))?;
         let client = Arc::new(
-            crate::copy::client(creds, &self.insecure, Duration::from_secs(30)).map_err(Error::Registry)?,
+            crate::copy::client(creds, &self.plan.insecure_registries, Duration::from_secs(30))
+                .map_err(Error::Registry)?,
         );
         // A Secret's new resourceVersion replaces its old entry.
         let prefix = key.split('@').next().unwrap_or_default().to_string();
@@ -132,7 +171,8 @@ impl Context {
 }
 
 /// Requeues after a failed reconcile; the error is logged with its bounded label.
-pub fn error_policy(ib: Arc<ImageBuild>, error: &Error, _ctx: Arc<Context>) -> Action {
+pub fn error_policy(ib: Arc<ImageBuild>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_errors.get_or_create(&ReasonLabel { reason: error.label().into() }).inc();
     tracing::warn!(imagebuild = %kube::ResourceExt::name_any(ib.as_ref()), error = %crate::oci::error::chain(error), label = error.label(), "reconcile failed");
     Action::requeue(Duration::from_secs(15))
 }
@@ -153,8 +193,23 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         insecure_registries: args.insecure_registries.clone(),
         ..Default::default()
     };
-    let ctx = Arc::new(Context::new(client, plan, args.queue_timeout, args.insecure_registries.clone()));
-    tracing::info!(image = %args.image, namespace = ?args.namespace, "bob controller started");
+    let policy = Policy {
+        max_attempts: args.max_attempts,
+        retry_backoff: args.retry_backoff,
+        keep_finished_pods: args.keep_finished_pods,
+    };
+    let ctx = Arc::new(Context::new(client, plan, args.queue_timeout, policy));
+    let listener = tokio::net::TcpListener::bind(&args.admin_addr)
+        .await
+        .map_err(|source| Error::Admin { addr: args.admin_addr.clone(), source })?;
+    let admin = metrics::router(ctx.metrics.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, admin).await {
+            tracing::error!(error = %e, "admin server stopped");
+        }
+    });
+    ctx.metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(image = %args.image, namespace = ?args.namespace, admin = %args.admin_addr, "bob controller started");
     Controller::new(builds, watcher::Config::default())
         .owns(pods, watcher::Config::default().labels("app.kubernetes.io/managed-by=bob"))
         .shutdown_on_signal()

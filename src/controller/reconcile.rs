@@ -15,6 +15,7 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
+use super::lifecycle::{self, finish};
 use super::resolve::{self, GitAuth};
 use super::status::{self, PodState, observe};
 use super::{Context, Error, FIELD_MANAGER, plan};
@@ -36,21 +37,38 @@ pub async fn reconcile(ib: Arc<ImageBuild>, ctx: Arc<Context>) -> Result<Action,
         // Terminal phases never change for the same generation.
         return Ok(Action::await_change());
     }
+    if ib.spec.cancel {
+        return lifecycle::cancel(&ib, &ctx, status).await;
+    }
     if current
         && status.pod_name.is_some()
         && matches!(status.phase, Some(Phase::Building | Phase::Verifying))
     {
         return follow(&ib, &ctx, status).await;
     }
-    start(&ib, &ctx).await
+    // A retry of this generation waits out its backoff first.
+    let attempt = if current { status.attempts.unwrap_or(0).max(0) as u32 + 1 } else { 1 };
+    if current && let Some(at) = &status.next_attempt_at {
+        let wait = at.0.duration_since(Timestamp::now());
+        if wait.is_positive() {
+            return Ok(Action::requeue(wait.unsigned_abs()));
+        }
+    }
+    start(&ib, &ctx, attempt).await
 }
 
-/// A new generation: everything from the spec, nothing from an older status.
-async fn start(ib: &ImageBuild, ctx: &Context) -> Result<Action, Error> {
+/// Plans and starts attempt `attempt` of the generation: everything from the spec, nothing from
+/// an older status but its conditions, attempt count and start time.
+async fn start(ib: &ImageBuild, ctx: &Context, attempt: u32) -> Result<Action, Error> {
+    let previous = ib.status.clone().unwrap_or_default();
     let fresh = ImageBuildStatus {
         observed_generation: ib.metadata.generation,
-        start_time: Some(Time(Timestamp::now())),
-        conditions: ib.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default(),
+        start_time: Some(
+            previous.start_time.filter(|_| attempt > 1).unwrap_or_else(|| Time(Timestamp::now())),
+        ),
+        conditions: previous.conditions,
+        attempts: (attempt > 1).then_some(attempt as i32 - 1),
+        failure: previous.failure.filter(|_| attempt > 1),
         ..Default::default()
     };
     let (client, git_auth) = match credentials(ib, ctx).await? {
@@ -93,12 +111,20 @@ async fn start(ib: &ImageBuild, ctx: &Context) -> Result<Action, Error> {
             }
         }
     }
-    let pod_name = planned.pod.metadata.name.clone().unwrap_or_default();
-    let applied = apply_pod(ib, ctx, planned.pod).await?;
+    let secret = ib.spec.registry_auth.as_ref().map(|a| a.secret_ref.name.as_str());
+    let pod_name = super::pod::pod_name(secret, &planned.workspace_ref, attempt);
+    let mut pod = planned.pod;
+    pod.metadata.name = Some(pod_name.clone());
+    let applied = apply_pod(ib, ctx, pod).await?;
+    match applied {
+        Applied::Created => ctx.metrics.pods_created.inc(),
+        Applied::Joined => ctx.metrics.pods_joined.inc(),
+        Applied::Found => 0,
+    };
     s.cache_hit = Some(false);
     s.output = Some(ImageRef::new(&planned.workspace_ref, None));
     s.pod_name = Some(pod_name.clone());
-    s.attempts = Some(1);
+    s.attempts = Some(attempt as i32);
     let message = match applied {
         Applied::Created => format!("build pod {pod_name} started"),
         Applied::Joined => {
@@ -107,6 +133,7 @@ async fn start(ib: &ImageBuild, ctx: &Context) -> Result<Action, Error> {
         Applied::Found => format!("build pod {pod_name} found (started before a restart)"),
     };
     patch_status(ib, ctx, &status::in_progress(s, Phase::Building, None, &message)).await?;
+    lifecycle::event(ctx, ib, false, "Building", &message).await;
     Ok(Action::requeue(POLL))
 }
 
@@ -182,7 +209,7 @@ async fn follow(ib: &ImageBuild, ctx: &Context, s: ImageBuildStatus) -> Result<A
             }
             Ok(Action::requeue(POLL))
         }
-        PodState::Failed(f) => finish(ib, ctx, status::failed(s, f)).await,
+        PodState::Failed(f) => lifecycle::failed(ib, ctx, s, f).await,
         PodState::Finished(result) => verify(ib, ctx, s, &result).await,
     }
 }
@@ -254,12 +281,6 @@ async fn waiting(
     }
     patch_status(ib, ctx, &status::in_progress(s, Phase::Pending, Some(reason), message)).await?;
     Ok(Action::requeue(RETRY))
-}
-
-async fn finish(ib: &ImageBuild, ctx: &Context, s: ImageBuildStatus) -> Result<Action, Error> {
-    tracing::info!(imagebuild = %ib.name_any(), phase = ?s.phase, reason = ?s.reason, "{}", s.message.as_deref().unwrap_or(""));
-    patch_status(ib, ctx, &s).await?;
-    Ok(Action::await_change())
 }
 
 /// Writes the whole status with server-side apply (fields left out are removed).

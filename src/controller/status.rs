@@ -237,3 +237,19 @@ pub fn in_progress(
     s.conditions = vec![ready(&s.conditions, false, why, message, s.observed_generation)];
     s
 }
+
+/// `s` as Cancelled, with what the build had printed.
+pub fn cancelled(mut s: ImageBuildStatus, log_tail: Option<String>) -> ImageBuildStatus {
+    let message = "cancelled (spec.cancel)";
+    s.phase = Some(Phase::Cancelled);
+    s.reason = Some(Reason::Cancelled);
+    s.message = Some(message.into());
+    s.conditions =
+        vec![ready(&s.conditions, false, Reason::Cancelled.as_str(), message, s.observed_generation)];
+    let container = s.pod_name.as_ref().map(|_| "build".to_string());
+    s.failure =
+        Some(BuildFailure { reason: Reason::Cancelled, message: message.into(), container, log_tail });
+    s.next_attempt_at = None;
+    s.completion_time = Some(Time(Timestamp::now()));
+    s
+}

@@ -48,7 +48,11 @@ where
             let resp = Response::builder()
                 .status(status)
                 .header("content-type", "application/json")
-                .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                // A string reply is sent as plain text (pod logs).
+                .body(Body::from(match reply {
+                    Value::String(text) => text.into_bytes(),
+                    other => serde_json::to_vec(&other).unwrap(),
+                }))
                 .unwrap();
             send.send_response(resp);
         }
@@ -91,7 +95,7 @@ pub fn context(client: kube::Client) -> Arc<bob::controller::Context> {
         client,
         bob::controller::PlanConfig::default(),
         Duration::from_secs(1800),
-        Vec::new(),
+        bob::controller::Policy::default(),
     ))
 }
 

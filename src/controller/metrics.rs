@@ -1,0 +1,122 @@
+//! The controller's metrics (prometheus-client, prefix `bob`) and its admin HTTP surface:
+//! `/metrics`, `/healthz`, `/readyz`. Every label set is bounded: outcomes are phases, reasons
+//! come from the closed `Reason` set, errors from `Error::label`. docs/operations.md lists them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of a finished build.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// Succeeded, Failed or Cancelled.
+    pub outcome: String,
+    /// The status reason.
+    pub reason: String,
+}
+
+/// A single bounded label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// The reason or error label.
+    pub reason: String,
+}
+
+/// Every metric the controller keeps.
+pub struct Metrics {
+    registry: Registry,
+    /// ImageBuilds that reached a terminal phase, by outcome and reason.
+    pub builds: Family<OutcomeLabels, Counter>,
+    /// Seconds from an ImageBuild's start to its terminal phase.
+    pub build_duration: Histogram,
+    /// Build pods created (shared pods once).
+    pub pods_created: Counter,
+    /// ImageBuilds that joined a pod another ImageBuild of the same key created.
+    pub pods_joined: Counter,
+    /// New attempts after infrastructure failures, by the failure's reason.
+    pub retries: Family<ReasonLabel, Counter>,
+    /// Failed reconciles, by error label.
+    pub reconcile_errors: Family<ReasonLabel, Counter>,
+    /// Whether the controller is watching (for /readyz).
+    pub ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("bob");
+        let builds = Family::<OutcomeLabels, Counter>::default();
+        registry.register("builds", "ImageBuilds that reached a terminal phase", builds.clone());
+        let build_duration = Histogram::new(exponential_buckets(1.0, 2.0, 14));
+        registry.register(
+            "build_duration_seconds",
+            "Start to terminal phase of an ImageBuild",
+            build_duration.clone(),
+        );
+        let pods_created = Counter::default();
+        registry.register("pods_created", "Build pods created", pods_created.clone());
+        let pods_joined = Counter::default();
+        registry.register(
+            "pods_joined",
+            "ImageBuilds that joined a build pod of the same key",
+            pods_joined.clone(),
+        );
+        let retries = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "build_retries",
+            "New build attempts after infrastructure failures",
+            retries.clone(),
+        );
+        let reconcile_errors = Family::<ReasonLabel, Counter>::default();
+        registry.register("reconcile_errors", "Failed reconciles by error", reconcile_errors.clone());
+        Self {
+            registry,
+            builds,
+            build_duration,
+            pods_created,
+            pods_joined,
+            retries,
+            reconcile_errors,
+            ready: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Metrics {
+    /// The OpenMetrics text of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The admin HTTP surface; tests call it without a socket.
+pub fn router(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/metrics", get(scrape))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(metrics)
+}
+
+async fn scrape(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.encode())
+}
+
+async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    if m.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+    }
+}
