@@ -206,3 +206,74 @@ async fn the_admin_surface_serves_metrics_health_and_readiness() {
         assert!(text.contains(name), "{name} missing:\n{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn beyond_the_concurrency_limit_builds_wait_queued_in_order() {
+    use kube::runtime::{reflector, watcher};
+    let reg = common::Registry::start(common::RegistryAuth::None);
+    let img = common::small_image(9, "amd64");
+    common::Direct::new(&reg.host, None).push_image("lib/app", "1", &img).await;
+    let spec = |n: u8| json!({"source": {"image": {"ref": reg.repo("lib/app:1")}}, "workspaceImageRepository": reg.repo(&format!("ws{n}"))});
+    let (older, newer) = (image_build("older", spec(1), None), image_build("newer", spec(2), None));
+    let running = json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [
+        {"metadata": {"name": "bob-build-busy-1", "namespace": "default"}, "status": {"phase": "Running"}}]});
+    let slots_taken = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let taken = slots_taken.clone();
+    let (client, calls) = fake_api(move |c| match c.method.clone() {
+        Method::GET if c.route() == "GET /api/v1/pods" => {
+            let busy = taken.load(std::sync::atomic::Ordering::SeqCst);
+            (
+                200,
+                if busy {
+                    running.clone()
+                } else {
+                    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []})
+                },
+            )
+        }
+        Method::GET if c.path.contains("/pods/") => not_found(),
+        Method::POST if c.route().ends_with("/pods") => (201, c.body.clone()),
+        _ => default_reply(c),
+    });
+    let (reader, mut writer) = reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Apply(older.clone()));
+    writer.apply_watcher_event(&watcher::Event::Apply(newer.clone()));
+    let mut ctx = bob::controller::Context::new(
+        client,
+        bob::controller::PlanConfig::default(),
+        std::time::Duration::from_secs(1800),
+        bob::controller::Policy::default(),
+    );
+    ctx.max_concurrent_builds = Some(1);
+    ctx.store = Some(reader);
+    let ctx = Arc::new(ctx);
+
+    // The only slot is taken: both wait, the older one first.
+    reconcile(Arc::new(newer.clone()), ctx.clone()).await.unwrap();
+    reconcile(Arc::new(older.clone()), ctx.clone()).await.unwrap();
+    let now = calls.lock().unwrap().clone();
+    let (n, o) = (last_status(&now, "newer").unwrap(), last_status(&now, "older").unwrap());
+    assert_eq!((n["phase"].as_str(), o["phase"].as_str()), (Some("Queued"), Some("Queued")));
+    assert!(
+        o["message"].as_str().unwrap().contains("position 1")
+            && n["message"].as_str().unwrap().contains("position 2"),
+        "{o:#} {n:#}"
+    );
+    assert_eq!(o["conditions"][0]["reason"], "Queued");
+    assert!(
+        now.iter().all(|c| !(c.method == Method::POST && c.path.contains("/pods"))),
+        "no pod while queued"
+    );
+
+    // A slot frees: the older one starts; the newer one still waits behind it.
+    slots_taken.store(false, std::sync::atomic::Ordering::SeqCst);
+    reconcile(Arc::new(newer), ctx.clone()).await.unwrap();
+    reconcile(Arc::new(older), ctx).await.unwrap();
+    let now = calls.lock().unwrap().clone();
+    assert_eq!(last_status(&now, "older").unwrap()["phase"], "Building");
+    assert_eq!(
+        last_status(&now, "newer").unwrap()["phase"],
+        "Queued",
+        "FIFO: the newer one does not jump the queue"
+    );
+}

@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod plan;
 pub mod pod;
 pub mod policy;
+pub mod queue;
 pub mod reconcile;
 pub mod resolve;
 pub mod status;
@@ -20,6 +21,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 
 use metrics::{Metrics, ReasonLabel};
@@ -111,6 +113,9 @@ pub struct ControllerArgs {
     /// Keep finished build pods instead of deleting them once their evidence is in status.
     #[arg(long, env = "BOB_KEEP_FINISHED_PODS")]
     pub keep_finished_pods: bool,
+    /// Build pods that may run at once, cluster-wide; more ImageBuilds wait Queued (0: no limit).
+    #[arg(long, env = "BOB_MAX_CONCURRENT_BUILDS", default_value_t = 20)]
+    pub max_concurrent_builds: usize,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "BOB_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
     pub admin_addr: String,
@@ -130,6 +135,10 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Events on the ImageBuilds.
     pub recorder: Recorder,
+    /// Build pods that may run at once (`None`: no limit).
+    pub max_concurrent_builds: Option<usize>,
+    /// The controller's cache of ImageBuilds (the queue's order); `None` outside a Controller.
+    pub store: Option<Store<ImageBuild>>,
     registries: Mutex<HashMap<String, Arc<Client>>>,
 }
 
@@ -145,6 +154,8 @@ impl Context {
             queue_timeout,
             policy,
             metrics: Arc::default(),
+            max_concurrent_builds: None,
+            store: None,
             registries: Mutex::default(),
         }
     }
@@ -198,7 +209,12 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         retry_backoff: args.retry_backoff,
         keep_finished_pods: args.keep_finished_pods,
     };
-    let ctx = Arc::new(Context::new(client, plan, args.queue_timeout, policy));
+    let controller = Controller::new(builds, watcher::Config::default())
+        .owns(pods, watcher::Config::default().labels("app.kubernetes.io/managed-by=bob"));
+    let mut ctx = Context::new(client, plan, args.queue_timeout, policy);
+    ctx.max_concurrent_builds = (args.max_concurrent_builds > 0).then_some(args.max_concurrent_builds);
+    ctx.store = Some(controller.store());
+    let ctx = Arc::new(ctx);
     let listener = tokio::net::TcpListener::bind(&args.admin_addr)
         .await
         .map_err(|source| Error::Admin { addr: args.admin_addr.clone(), source })?;
@@ -210,8 +226,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
     });
     ctx.metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(image = %args.image, namespace = ?args.namespace, admin = %args.admin_addr, "bob controller started");
-    Controller::new(builds, watcher::Config::default())
-        .owns(pods, watcher::Config::default().labels("app.kubernetes.io/managed-by=bob"))
+    controller
         .shutdown_on_signal()
         .run(reconcile::reconcile, error_policy, ctx)
         .for_each(|r| async move {

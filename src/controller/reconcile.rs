@@ -10,7 +10,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -115,6 +115,11 @@ async fn start(ib: &ImageBuild, ctx: &Context, attempt: u32) -> Result<Action, E
     let pod_name = super::pod::pod_name(secret, &planned.workspace_ref, attempt);
     let mut pod = planned.pod;
     pod.metadata.name = Some(pod_name.clone());
+    if let Some(message) = queued(ib, ctx, &pod_name).await? {
+        s.cache_hit = Some(false);
+        s.output = Some(ImageRef::new(&planned.workspace_ref, None));
+        return queue_wait(ib, ctx, s, &message).await;
+    }
     let applied = apply_pod(ib, ctx, pod).await?;
     match applied {
         Applied::Created => ctx.metrics.pods_created.inc(),
@@ -135,6 +140,48 @@ async fn start(ib: &ImageBuild, ctx: &Context, attempt: u32) -> Result<Action, E
     patch_status(ib, ctx, &status::in_progress(s, Phase::Building, None, &message)).await?;
     lifecycle::event(ctx, ib, false, "Building", &message).await;
     Ok(Action::requeue(POLL))
+}
+
+/// `Some(why)` when no build slot is free for a new pod (joining a running pod needs none).
+async fn queued(ib: &ImageBuild, ctx: &Context, pod_name: &str) -> Result<Option<String>, Error> {
+    let (Some(max), Some(store)) = (ctx.max_concurrent_builds, &ctx.store) else { return Ok(None) };
+    let ns = ib.namespace().unwrap_or_else(|| "default".into());
+    if Api::<Pod>::namespaced(ctx.client.clone(), &ns).get_opt(pod_name).await.map_err(Error::Kube)?.is_some()
+    {
+        return Ok(None);
+    }
+    let all: Api<Pod> = Api::all(ctx.client.clone());
+    let params =
+        ListParams::default().labels("app.kubernetes.io/managed-by=bob,app.kubernetes.io/component=build");
+    let pods = all.list(&params).await.map_err(Error::Kube)?;
+    let running = pods
+        .items
+        .iter()
+        .filter(|p| {
+            !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+        })
+        .count();
+    let everyone = store.state();
+    Ok(super::queue::position(ib, everyone.iter().map(|a| a.as_ref()), running, max)
+        .map(|place| format!("queued at position {place}: {running} of {max} builds running")))
+}
+
+/// Queued: waits for a slot until the queue time limit.
+async fn queue_wait(
+    ib: &ImageBuild,
+    ctx: &Context,
+    s: ImageBuildStatus,
+    message: &str,
+) -> Result<Action, Error> {
+    if let Some(done) = queue_expired(ib, ctx, &s, message) {
+        return finish(ib, ctx, done).await;
+    }
+    if s.phase != Some(Phase::Queued)
+        || ib.status.as_ref().and_then(|o| o.message.as_deref()) != Some(message)
+    {
+        patch_status(ib, ctx, &status::in_progress(s, Phase::Queued, None, message)).await?;
+    }
+    Ok(Action::requeue(Duration::from_secs(10)))
 }
 
 /// What applying the build pod did.
@@ -266,6 +313,20 @@ async fn waiting(
     reason: Reason,
     message: &str,
 ) -> Result<Action, Error> {
+    if let Some(done) = queue_expired(ib, ctx, &s, message) {
+        return finish(ib, ctx, done).await;
+    }
+    patch_status(ib, ctx, &status::in_progress(s, Phase::Pending, Some(reason), message)).await?;
+    Ok(Action::requeue(RETRY))
+}
+
+/// The Failed status when the ImageBuild has waited longer than its queue time limit.
+fn queue_expired(
+    ib: &ImageBuild,
+    ctx: &Context,
+    s: &ImageBuildStatus,
+    message: &str,
+) -> Option<ImageBuildStatus> {
     let limit = ib
         .spec
         .timeouts
@@ -275,12 +336,10 @@ async fn waiting(
         .unwrap_or(ctx.queue_timeout);
     let created = ib.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or_else(Timestamp::now);
     let waited = Timestamp::now().duration_since(created).unsigned_abs();
-    if waited > limit {
+    (waited > limit).then(|| {
         let message = format!("still waiting after {}s (spec.timeouts.queue): {message}", limit.as_secs());
-        return finish(ib, ctx, status::failed_with(s, Reason::QueueTimeout, message)).await;
-    }
-    patch_status(ib, ctx, &status::in_progress(s, Phase::Pending, Some(reason), message)).await?;
-    Ok(Action::requeue(RETRY))
+        status::failed_with(s.clone(), Reason::QueueTimeout, message)
+    })
 }
 
 /// Writes the whole status with server-side apply (fields left out are removed).

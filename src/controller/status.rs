@@ -232,6 +232,7 @@ pub fn in_progress(
     let why = reason.map(Reason::as_str).unwrap_or(match phase {
         Phase::Building => "Building",
         Phase::Verifying => "Verifying",
+        Phase::Queued => "Queued",
         _ => "Pending",
     });
     s.conditions = vec![ready(&s.conditions, false, why, message, s.observed_generation)];
