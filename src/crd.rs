@@ -18,6 +18,7 @@ pub const REFERENCE_RE: &str = r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:
 
 /// What to build: the source of the base image, the repositories, credentials and pod knobs.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(test, derive(Default))]
 #[kube(
     group = "bob.dev",
     version = "v1alpha1",
