@@ -13,6 +13,7 @@ use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -47,6 +48,8 @@ pub struct Metrics {
     pub retries: Family<ReasonLabel, Counter>,
     /// Failed reconciles, by error label.
     pub reconcile_errors: Family<ReasonLabel, Counter>,
+    /// 1 while this replica leads (reconciles), 0 while it stands by.
+    pub leader: Gauge,
     /// Whether the controller is watching (for /readyz).
     pub ready: AtomicBool,
 }
@@ -78,6 +81,8 @@ impl Default for Metrics {
         );
         let reconcile_errors = Family::<ReasonLabel, Counter>::default();
         registry.register("reconcile_errors", "Failed reconciles by error", reconcile_errors.clone());
+        let leader = Gauge::default();
+        registry.register("leader", "1 while this replica leads", leader.clone());
         Self {
             registry,
             builds,
@@ -86,6 +91,7 @@ impl Default for Metrics {
             pods_joined,
             retries,
             reconcile_errors,
+            leader,
             ready: AtomicBool::new(false),
         }
     }

@@ -2,6 +2,7 @@
 //! named steps (`reconcile.rs`) around a pure middle (`plan.rs`, `pod.rs`, `status.rs`).
 //! `bob run` uses the same planning code without a cluster.
 
+pub mod ha;
 pub mod lifecycle;
 pub mod metrics;
 pub mod plan;
@@ -52,6 +53,9 @@ pub enum Error {
     /// The CRD is not installed.
     #[error("the ImageBuild CRD is not installed (bob crd | kubectl apply -f -)")]
     NoCrd(#[source] kube::Error),
+    /// Leader election failed.
+    #[error("leader election failed")]
+    Lease(#[source] kube_lease_manager::LeaseManagerError),
     /// The admin address cannot be bound.
     #[error("cannot listen on {addr}")]
     Admin {
@@ -75,6 +79,7 @@ impl Error {
             Error::Scratch(_) => "scratch",
             Error::NoCrd(_) => "no_crd",
             Error::Admin { .. } => "admin",
+            Error::Lease(_) => "lease",
             Error::Internal(_) => "internal",
         }
     }
@@ -116,6 +121,12 @@ pub struct ControllerArgs {
     /// Build pods that may run at once, cluster-wide; more ImageBuilds wait Queued (0: no limit).
     #[arg(long, env = "BOB_MAX_CONCURRENT_BUILDS", default_value_t = 20)]
     pub max_concurrent_builds: usize,
+    /// Elect a leader among replicas through a Lease, so only one reconciles.
+    #[arg(long, env = "BOB_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+    /// Namespace of the leader Lease (in a cluster: the controller's own namespace).
+    #[arg(long, env = "BOB_LEASE_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "BOB_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
     pub admin_addr: String,
@@ -224,10 +235,23 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
             tracing::error!(error = %e, "admin server stopped");
         }
     });
+    // Ready while standing by too: a rolling update must not wait for a replica to lead.
     ctx.metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut lease_task = None;
+    let lost: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>> = if args.leader_election
+    {
+        let identity = std::env::var("HOSTNAME").unwrap_or_else(|_| format!("bob-{}", std::process::id()));
+        let (leading, task) = ha::lead(ctx.client.clone(), &args.lease_namespace, &identity).await?;
+        lease_task = Some(task);
+        Box::pin(ha::lost(leading))
+    } else {
+        Box::pin(futures::future::pending())
+    };
+    ctx.metrics.leader.set(1);
     tracing::info!(image = %args.image, namespace = ?args.namespace, admin = %args.admin_addr, "bob controller started");
     controller
         .shutdown_on_signal()
+        .graceful_shutdown_on(lost)
         .run(reconcile::reconcile, error_policy, ctx)
         .for_each(|r| async move {
             if let Err(e) = r {
@@ -235,5 +259,9 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
             }
         })
         .await;
+    // The controller (and with it the leadership channel) is gone: let the lease be released.
+    if let Some(task) = lease_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
     Ok(())
 }
