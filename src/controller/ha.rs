@@ -2,8 +2,6 @@
 //! run, one reconciles. A replica that loses the lease stops reconciling (in-flight reconciles
 //! finish first, so no build is left half-recorded) and exits for a restart as a standby.
 
-use std::future::Future;
-
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::watch;
 
@@ -42,13 +40,11 @@ pub async fn lead(
 }
 
 /// Resolves when leadership is lost (or the lease manager stops).
-pub fn lost(mut leading: watch::Receiver<bool>) -> impl Future<Output = ()> + Send + Sync + 'static {
-    async move {
-        while *leading.borrow_and_update() {
-            if leading.changed().await.is_err() {
-                break;
-            }
+pub async fn lost(mut leading: watch::Receiver<bool>) {
+    while *leading.borrow_and_update() {
+        if leading.changed().await.is_err() {
+            break;
         }
-        tracing::warn!(lease = LEASE, "lost leadership: finishing in-flight reconciles and stopping");
     }
+    tracing::warn!(lease = LEASE, "lost leadership: finishing in-flight reconciles and stopping");
 }
