@@ -143,6 +143,13 @@ async fn a_failed_build_step_is_final_and_its_pod_cleaned_up() {
     );
     assert_eq!(status["failure"]["logTail"], "boom\n");
     assert!(deleted(&calls, &name), "evidence recorded, pod removed");
+    let event =
+        calls.iter().find(|c| c.method == Method::POST && c.path.contains("/events")).expect("an Event");
+    assert_eq!(
+        (event.body["type"].as_str(), event.body["reason"].as_str()),
+        (Some("Warning"), Some("BuildStepFailed"))
+    );
+    assert_eq!(event.body["regarding"]["name"], "user");
     assert!(
         ctx.metrics.encode().contains(r#"bob_builds_total{outcome="Failed",reason="BuildStepFailed"} 1"#),
         "{}",

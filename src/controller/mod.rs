@@ -121,6 +121,9 @@ pub struct ControllerArgs {
     /// Build pods that may run at once, cluster-wide; more ImageBuilds wait Queued (0: no limit).
     #[arg(long, env = "BOB_MAX_CONCURRENT_BUILDS", default_value_t = 20)]
     pub max_concurrent_builds: usize,
+    /// ImageBuilds reconciled at once (bounds API, registry and memory load).
+    #[arg(long, env = "BOB_WORKERS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=512))]
+    pub workers: u16,
     /// Elect a leader among replicas through a Lease, so only one reconciles.
     #[arg(long, env = "BOB_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub leader_election: bool,
@@ -192,6 +195,12 @@ impl Context {
     }
 }
 
+/// The Controller's settings: `workers` reconciles at once, events debounced briefly so a burst
+/// of pod updates costs one reconcile.
+pub fn controller_config(workers: u16) -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default().concurrency(workers).debounce(Duration::from_millis(200))
+}
+
 /// Requeues after a failed reconcile; the error is logged with its bounded label.
 pub fn error_policy(ib: Arc<ImageBuild>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_errors.get_or_create(&ReasonLabel { reason: error.label().into() }).inc();
@@ -221,7 +230,8 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         keep_finished_pods: args.keep_finished_pods,
     };
     let controller = Controller::new(builds, watcher::Config::default())
-        .owns(pods, watcher::Config::default().labels("app.kubernetes.io/managed-by=bob"));
+        .owns(pods, watcher::Config::default().labels("app.kubernetes.io/managed-by=bob"))
+        .with_config(controller_config(args.workers));
     let mut ctx = Context::new(client, plan, args.queue_timeout, policy);
     ctx.max_concurrent_builds = (args.max_concurrent_builds > 0).then_some(args.max_concurrent_builds);
     ctx.store = Some(controller.store());
