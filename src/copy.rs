@@ -120,7 +120,17 @@ fn credentials(auth_file: Option<&PathBuf>) -> Result<CredentialStore, Error> {
 
 /// A registry client over `creds` with the given plain-HTTP exceptions and timeout.
 pub fn client(creds: CredentialStore, insecure: &[String], timeout: Duration) -> Result<Client, Error> {
-    let opts = TransportOptions { read_timeout: timeout, ..Default::default() };
+    observed_client(creds, insecure, timeout, None)
+}
+
+/// `client` with an observer of every registry answer (the controller's metrics).
+pub fn observed_client(
+    creds: CredentialStore,
+    insecure: &[String],
+    timeout: Duration,
+    observer: Option<crate::oci::transport::Observer>,
+) -> Result<Client, Error> {
+    let opts = TransportOptions { read_timeout: timeout, observer, ..Default::default() };
     let transport =
         Transport::new(Arc::new(creds), Endpoints::new(insecure), opts).map_err(Error::Transport)?;
     Ok(Client::new(transport))

@@ -54,7 +54,9 @@ async fn a_cache_hit_writes_succeeded_and_creates_no_pod() {
         _ => default_reply(c),
     });
     let ib = Arc::new(image_build("hit", image_spec(&reg), None));
-    reconcile(ib, context(client)).await.unwrap();
+    let ctx = context(client);
+    let ctx_metrics = ctx.metrics.clone();
+    reconcile(ib, ctx).await.unwrap();
     let calls = calls.lock().unwrap().clone();
     assert!(
         calls.iter().all(|c| !c.path.contains("/pods")),
@@ -67,6 +69,9 @@ async fn a_cache_hit_writes_succeeded_and_creates_no_pod() {
         (Some("Succeeded"), Some("CacheHit"), &json!(true))
     );
     assert_eq!(status["output"]["digest"].as_str(), Some(img.digest.as_str()), "the verified digest");
+    let metrics = ctx_metrics.encode();
+    assert!(metrics.contains(r#"bob_registry_requests_total{status="2xx"}"#), "{metrics}");
+    assert!(metrics.contains(r#"bob_builds_total{outcome="Succeeded",reason="CacheHit"} 1"#), "{metrics}");
     let patch = calls.iter().find(|c| c.path.contains("/status")).unwrap();
     assert!(
         patch.path.contains("fieldManager=bob-controller") && patch.path.contains("force=true"),

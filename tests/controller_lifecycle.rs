@@ -209,6 +209,9 @@ async fn the_admin_surface_serves_metrics_health_and_readiness() {
         "bob_pods_created_total 1",
         "bob_pods_joined_total 0",
         r#"bob_reconcile_errors_total{reason="kube"} 1"#,
+        "# TYPE bob_queue_depth gauge",
+        "# TYPE bob_queue_wait_seconds histogram",
+        "# TYPE bob_leader gauge",
     ] {
         assert!(text.contains(name), "{name} missing:\n{text}");
     }

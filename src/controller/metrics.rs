@@ -26,6 +26,24 @@ pub struct OutcomeLabels {
     pub reason: String,
 }
 
+/// A registry answer's status class.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    /// `2xx`, `3xx`, `4xx`, `5xx`, or `error` (no answer).
+    pub status: String,
+}
+
+impl StatusLabel {
+    /// The class of an HTTP status (0: no answer).
+    pub fn of(status: u16) -> Self {
+        let status = match status {
+            0 => "error".to_string(),
+            s => format!("{}xx", s / 100),
+        };
+        Self { status }
+    }
+}
+
 /// A single bounded label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -48,6 +66,12 @@ pub struct Metrics {
     pub retries: Family<ReasonLabel, Counter>,
     /// Failed reconciles, by error label.
     pub reconcile_errors: Family<ReasonLabel, Counter>,
+    /// Registry answers of the controller's own checks, by status class.
+    pub registry_requests: Family<StatusLabel, Counter>,
+    /// ImageBuilds waiting for a build slot (set when the queue is consulted).
+    pub queue_depth: Gauge,
+    /// Seconds from an ImageBuild's start to its build pod (queue and resolution time).
+    pub queue_wait: Histogram,
     /// 1 while this replica leads (reconciles), 0 while it stands by.
     pub leader: Gauge,
     /// Whether the controller is watching (for /readyz).
@@ -83,6 +107,20 @@ impl Default for Metrics {
         registry.register("reconcile_errors", "Failed reconciles by error", reconcile_errors.clone());
         let leader = Gauge::default();
         registry.register("leader", "1 while this replica leads", leader.clone());
+        let registry_requests = Family::<StatusLabel, Counter>::default();
+        registry.register(
+            "registry_requests",
+            "Registry answers to the controller, by status class",
+            registry_requests.clone(),
+        );
+        let queue_depth = Gauge::default();
+        registry.register("queue_depth", "ImageBuilds waiting for a build slot", queue_depth.clone());
+        let queue_wait = Histogram::new(exponential_buckets(0.5, 2.0, 14));
+        registry.register(
+            "queue_wait_seconds",
+            "Start of an ImageBuild to its build pod",
+            queue_wait.clone(),
+        );
         Self {
             registry,
             builds,
@@ -92,6 +130,9 @@ impl Default for Metrics {
             retries,
             reconcile_errors,
             leader,
+            registry_requests,
+            queue_depth,
+            queue_wait,
             ready: AtomicBool::new(false),
         }
     }

@@ -25,7 +25,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 
-use metrics::{Metrics, ReasonLabel};
+use metrics::{Metrics, ReasonLabel, StatusLabel};
 pub use plan::{BuildSecurity, Invalid, Plan, PlanConfig, Resolved, from_images, plan};
 pub use policy::Policy;
 
@@ -183,10 +183,14 @@ impl Context {
         }
         let creds = CredentialStore::inline(docker_config)
             .map_err(|e| Error::Registry(crate::copy::Error::Credentials(e)))?;
-        let client = Arc::new(
-            crate::copy::client(creds, &self.plan.insecure_registries, Duration::from_secs(30))
-                .map_err(Error::Registry)?,
-        );
+        let metrics = self.metrics.clone();
+        let observer: crate::oci::transport::Observer = Arc::new(move |status| {
+            metrics.registry_requests.get_or_create(&StatusLabel::of(status)).inc();
+        });
+        let timeout = Duration::from_secs(30);
+        let client =
+            crate::copy::observed_client(creds, &self.plan.insecure_registries, timeout, Some(observer));
+        let client = Arc::new(client.map_err(Error::Registry)?);
         // A Secret's new resourceVersion replaces its old entry.
         let prefix = key.split('@').next().unwrap_or_default().to_string();
         cache.retain(|k, _| k.split('@').next() != Some(prefix.as_str()) || prefix.is_empty());

@@ -126,6 +126,9 @@ async fn start(ib: &ImageBuild, ctx: &Context, attempt: u32) -> Result<Action, E
         Applied::Joined => ctx.metrics.pods_joined.inc(),
         Applied::Found => 0,
     };
+    if let Some(start) = &s.start_time {
+        ctx.metrics.queue_wait.observe(Timestamp::now().duration_since(start.0).as_secs_f64().max(0.0));
+    }
     s.cache_hit = Some(false);
     s.output = Some(ImageRef::new(&planned.workspace_ref, None));
     s.pod_name = Some(pod_name.clone());
@@ -162,6 +165,8 @@ async fn queued(ib: &ImageBuild, ctx: &Context, pod_name: &str) -> Result<Option
         })
         .count();
     let everyone = store.state();
+    let waiting = everyone.iter().filter(|o| super::queue::is_waiting(o)).count();
+    ctx.metrics.queue_depth.set(waiting as i64);
     Ok(super::queue::position(ib, everyone.iter().map(|a| a.as_ref()), running, max)
         .map(|place| format!("queued at position {place}: {running} of {max} builds running")))
 }

@@ -46,8 +46,11 @@ pub enum Error {
     Client(#[source] reqwest::Error),
 }
 
+/// Called with the status of every registry answer (0 when none came), for metrics.
+pub type Observer = Arc<dyn Fn(u16) + Send + Sync>;
+
 /// Tunables of the registry client.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct TransportOptions {
     /// Longest wait for a connection.
     pub connect_timeout: Duration,
@@ -57,6 +60,20 @@ pub struct TransportOptions {
     pub retries: u32,
     /// First backoff; doubles on each retry.
     pub backoff: Duration,
+    /// Sees every answer's status.
+    pub observer: Option<Observer>,
+}
+
+impl std::fmt::Debug for TransportOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransportOptions")
+            .field("connect_timeout", &self.connect_timeout)
+            .field("read_timeout", &self.read_timeout)
+            .field("retries", &self.retries)
+            .field("backoff", &self.backoff)
+            .field("observer", &self.observer.is_some())
+            .finish()
+    }
 }
 
 impl Default for TransportOptions {
@@ -66,6 +83,7 @@ impl Default for TransportOptions {
             read_timeout: Duration::from_secs(120),
             retries: 3,
             backoff: Duration::from_millis(200),
+            observer: None,
         }
     }
 }
@@ -163,6 +181,9 @@ impl Transport {
                 req = req.body(b);
             }
             let result = req.send().await;
+            if let Some(observe) = &self.opts.observer {
+                observe(result.as_ref().map_or(0, |r| r.status().as_u16()));
+            }
             let can_retry = idempotent && replayable && attempt < self.opts.retries;
             match result {
                 Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED => {
