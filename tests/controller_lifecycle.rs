@@ -287,3 +287,97 @@ async fn beyond_the_concurrency_limit_builds_wait_queued_in_order() {
         "FIFO: the newer one does not jump the queue"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_queue_clock_ends_a_wait_that_lasts_too_long() {
+    let (client, calls) = cluster(vec![], vec![]);
+    let mut spec = spec();
+    spec["registryAuth"] = json!({"secretRef": {"name": "missing"}});
+    spec["timeouts"] = json!({"queue": "1m"});
+    let mut ib = image_build("late", spec, None);
+    let ctx = context(client);
+    reconcile(Arc::new(ib.clone()), ctx.clone()).await.unwrap();
+    let waiting = last_status(&calls.lock().unwrap(), "late").unwrap();
+    assert_eq!(
+        (waiting["phase"].as_str(), waiting["reason"].as_str()),
+        (Some("Pending"), Some("SecretNotFound"))
+    );
+
+    let created = k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(120);
+    ib.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(created));
+    reconcile(Arc::new(ib), ctx).await.unwrap();
+    let done = last_status(&calls.lock().unwrap(), "late").unwrap();
+    assert_eq!(
+        (done["phase"].as_str(), done["reason"].as_str()),
+        (Some("Failed"), Some("QueueTimeout")),
+        "{done:#}"
+    );
+    assert!(done["message"].as_str().unwrap().contains("spec.timeouts.queue"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_controller_starts_queued_builds_in_order_and_no_more_than_the_limit() {
+    use futures::StreamExt;
+    use kube::runtime::controller::Controller;
+    use kube::runtime::{WatchStreamExt, reflector, watcher};
+    let reg = common::Registry::start(common::RegistryAuth::None);
+    let img = common::small_image(12, "amd64");
+    common::Direct::new(&reg.host, None).push_image("lib/app", "1", &img).await;
+    let builds: Vec<_> = (0..3)
+        .map(|i| {
+            let spec = json!({"source": {"image": {"ref": reg.repo("lib/app:1")}}, "workspaceImageRepository": reg.repo(&format!("q{i}"))});
+            let mut ib = image_build(&format!("q{i}"), spec, None);
+            let now = k8s_openapi::jiff::Timestamp::now().as_second();
+            let at = k8s_openapi::jiff::Timestamp::from_second(now - 10 + i).unwrap();
+            ib.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at));
+            ib
+        })
+        .collect();
+    let pods = Arc::new(Mutex::new(Vec::<Value>::new()));
+    let store = pods.clone();
+    let (client, calls) = fake_api(move |c| match c.method.clone() {
+        Method::GET if c.route() == "GET /api/v1/pods" => (
+            200,
+            json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": store.lock().unwrap().clone()}),
+        ),
+        Method::GET if c.path.contains("/pods/") => not_found(),
+        Method::POST if c.route().ends_with("/pods") => {
+            store.lock().unwrap().push(c.body.clone());
+            (201, c.body.clone())
+        }
+        _ => default_reply(c),
+    });
+    let (reader, writer) = reflector::store();
+    let mut ctx = bob::controller::Context::new(
+        client,
+        bob::controller::PlanConfig::default(),
+        std::time::Duration::from_secs(1800),
+        bob::controller::Policy::default(),
+    );
+    ctx.max_concurrent_builds = Some(1);
+    ctx.store = Some(reader.clone());
+    let mut events = vec![watcher::Event::Init];
+    events.extend(builds.iter().rev().cloned().map(watcher::Event::InitApply));
+    events.push(watcher::Event::InitDone);
+    let stream = futures::stream::iter(events.into_iter().map(Ok)).chain(futures::stream::pending());
+    let results = Controller::for_stream(reflector(writer, stream).applied_objects(), reader).run(
+        reconcile,
+        bob::controller::error_policy,
+        Arc::new(ctx),
+    );
+    let done: Vec<_> =
+        tokio::time::timeout(std::time::Duration::from_secs(20), results.take(3).collect::<Vec<_>>())
+            .await
+            .unwrap();
+    assert!(done.iter().all(Result::is_ok), "{done:?}");
+    assert_eq!(pods.lock().unwrap().len(), 1, "one slot, one pod");
+    let calls = calls.lock().unwrap().clone();
+    let phases: Vec<String> = (0..3)
+        .map(|i| last_status(&calls, &format!("q{i}")).unwrap()["phase"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        phases,
+        ["Building", "Queued", "Queued"],
+        "the oldest starts, whatever order the controller saw them in"
+    );
+}
