@@ -12,7 +12,7 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Every committed copy of the CRD: `crds/` and anything under `charts/` named like it.
+/// Every committed copy of the CRD: `crds/` and anything under `charts/` or `config/` named like it.
 fn crd_copies(dir: &Path, out: &mut Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for e in entries.flatten() {
@@ -33,6 +33,7 @@ fn no_committed_crd_drifts_from_bob_crd() {
     let mut copies = Vec::new();
     crd_copies(&root().join("crds"), &mut copies);
     crd_copies(&root().join("charts"), &mut copies);
+    crd_copies(&root().join("config"), &mut copies);
     assert!(!copies.is_empty(), "crds/imagebuild.yaml is missing");
     for c in copies {
         let committed = std::fs::read_to_string(&c).unwrap();
