@@ -21,7 +21,8 @@ RUN apt-get update \
 
 COPY deploy/image/registries.conf /etc/containers/registries.conf
 COPY deploy/image/storage.conf /etc/containers/storage.conf
-COPY target/release/bob /usr/local/bin/bob
+ARG BOB_BINARY=target/release/bob
+COPY ${BOB_BINARY} /usr/local/bin/bob
 
 # The controller, proxy and clone containers run as this user; the build container's pod spec
 # runs it as root (buildah), see docs/security.md.
