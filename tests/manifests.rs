@@ -70,3 +70,11 @@ fn kustomize_builds_the_crd_rbac_and_controller() {
         container["env"].as_array().unwrap().iter().find(|e| e["name"] == "BOB_LEASE_NAMESPACE").unwrap();
     assert_eq!(lease_ns["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace");
 }
+
+#[test]
+fn the_handbook_explains_every_reason() {
+    let handbook = std::fs::read_to_string(root().join("docs/handbook.md")).unwrap();
+    for reason in bob::reason::Reason::ALL {
+        assert!(handbook.contains(&format!("| `{reason}` |")), "docs/handbook.md has no row for {reason}");
+    }
+}
