@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use bob::controller::reconcile::reconcile;
 use common::fake_api::*;
 use common::*;
-use http::Method;
 use serde_json::json;
 
 fn percentiles(mut v: Vec<Duration>) -> String {
@@ -41,12 +40,7 @@ fn main() {
         direct.push_image(repo, tag, &img).await;
 
         let secret = registry_secret("reg", &config);
-        let (client, calls) = fake_api(move |c| match (c.method.clone(), c.route().as_str()) {
-            (_, "GET /api/v1/namespaces/default/secrets/reg") => (200, secret.clone()),
-            (Method::GET, r) if r.contains("/pods/") => not_found(),
-            (Method::POST, r) if r.ends_with("/pods") => (201, c.body.clone()),
-            _ => default_reply(c),
-        });
+        let (client, calls) = builder_api(secret);
         let ctx = context(client);
         for (label, repo, want) in [("cache hit -> Succeeded patch", "hit", "Succeeded"), ("new build -> pod create", "miss", "Building")] {
             let mut times = Vec::with_capacity(rounds);

@@ -106,13 +106,7 @@ pub fn parse_ref(value: &str) -> Result<Reference, Error> {
 
 /// The credential store `bob copy` uses: the file given, else the docker defaults, else none.
 fn credentials(auth_file: Option<&PathBuf>) -> Result<CredentialStore, Error> {
-    let default = || {
-        let dir = std::env::var_os("DOCKER_CONFIG")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))?;
-        Some(dir.join("config.json")).filter(|p| p.is_file())
-    };
-    match auth_file.cloned().or_else(default) {
+    match auth_file.cloned().or_else(credentials::default_docker_config) {
         Some(path) => CredentialStore::file(path).map_err(Error::Credentials),
         None => Ok(CredentialStore::anonymous()),
     }

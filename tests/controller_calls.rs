@@ -84,12 +84,7 @@ async fn a_cache_hit_writes_succeeded_and_creates_no_pod() {
 async fn a_new_build_creates_one_pod_then_reports_building() {
     let (reg, config, _) = registry().await;
     let secret = registry_secret("reg", &config);
-    let (client, calls) = fake_api(move |c| match (c.method.clone(), c.route().as_str()) {
-        (_, "GET /api/v1/namespaces/default/secrets/reg") => (200, secret.clone()),
-        (Method::GET, r) if r.contains("/pods/") => not_found(),
-        (Method::POST, r) if r.ends_with("/pods") => (201, c.body.clone()),
-        _ => default_reply(c),
-    });
+    let (client, calls) = builder_api(secret);
     let ib = Arc::new(image_build("new", image_spec(&reg), None));
     reconcile(ib, context(client)).await.unwrap();
     let calls = calls.lock().unwrap().clone();
@@ -250,12 +245,7 @@ async fn image_builds_of_one_key_share_one_pod_also_after_a_restart() {
 async fn a_terminal_phase_is_final_for_its_generation_and_a_new_generation_plans_again() {
     let (reg, config, _) = registry().await;
     let secret = registry_secret("reg", &config);
-    let (client, calls) = fake_api(move |c| match (c.method.clone(), c.route().as_str()) {
-        (_, "GET /api/v1/namespaces/default/secrets/reg") => (200, secret.clone()),
-        (Method::GET, r) if r.contains("/pods/") => not_found(),
-        (Method::POST, r) if r.ends_with("/pods") => (201, c.body.clone()),
-        _ => default_reply(c),
-    });
+    let (client, calls) = builder_api(secret);
     let done = json!({"phase": "Failed", "reason": "BuildStepFailed", "observedGeneration": 1, "message": "step 2/2 failed"});
     let ib = Arc::new(image_build("edited", image_spec(&reg), Some(done)));
     let ctx = context(client);

@@ -248,15 +248,7 @@ async fn beyond_the_concurrency_limit_builds_wait_queued_in_order() {
     let (reader, mut writer) = reflector::store();
     writer.apply_watcher_event(&watcher::Event::Apply(older.clone()));
     writer.apply_watcher_event(&watcher::Event::Apply(newer.clone()));
-    let mut ctx = bob::controller::Context::new(
-        client,
-        bob::controller::PlanConfig::default(),
-        std::time::Duration::from_secs(1800),
-        bob::controller::Policy::default(),
-    );
-    ctx.max_concurrent_builds = Some(1);
-    ctx.store = Some(reader);
-    let ctx = Arc::new(ctx);
+    let ctx = one_slot(client, reader);
 
     // The only slot is taken: both wait, the older one first.
     reconcile(Arc::new(newer.clone()), ctx.clone()).await.unwrap();
@@ -348,14 +340,7 @@ async fn the_controller_starts_queued_builds_in_order_and_no_more_than_the_limit
         _ => default_reply(c),
     });
     let (reader, writer) = reflector::store();
-    let mut ctx = bob::controller::Context::new(
-        client,
-        bob::controller::PlanConfig::default(),
-        std::time::Duration::from_secs(1800),
-        bob::controller::Policy::default(),
-    );
-    ctx.max_concurrent_builds = Some(1);
-    ctx.store = Some(reader.clone());
+    let ctx = one_slot(client, reader.clone());
     let mut events = vec![watcher::Event::Init];
     events.extend(builds.iter().rev().cloned().map(watcher::Event::InitApply));
     events.push(watcher::Event::InitDone);
@@ -363,7 +348,7 @@ async fn the_controller_starts_queued_builds_in_order_and_no_more_than_the_limit
     let results = Controller::for_stream(reflector(writer, stream).applied_objects(), reader).run(
         reconcile,
         bob::controller::error_policy,
-        Arc::new(ctx),
+        ctx,
     );
     let done: Vec<_> =
         tokio::time::timeout(std::time::Duration::from_secs(20), results.take(3).collect::<Vec<_>>())
@@ -380,4 +365,20 @@ async fn the_controller_starts_queued_builds_in_order_and_no_more_than_the_limit
         ["Building", "Queued", "Queued"],
         "the oldest starts, whatever order the controller saw them in"
     );
+}
+
+/// A controller context with one build slot and the queue order of `store`.
+fn one_slot(
+    client: kube::Client,
+    store: kube::runtime::reflector::Store<bob::crd::ImageBuild>,
+) -> Arc<bob::controller::Context> {
+    let mut ctx = bob::controller::Context::new(
+        client,
+        bob::controller::PlanConfig::default(),
+        std::time::Duration::from_secs(1800),
+        bob::controller::Policy::default(),
+    );
+    ctx.max_concurrent_builds = Some(1);
+    ctx.store = Some(store);
+    Arc::new(ctx)
 }

@@ -177,13 +177,7 @@ fn registry_config(input: &Input, auth_file: Option<&PathBuf>) -> Result<String,
     {
         return Ok(json.to_string());
     }
-    let default = || {
-        let dir = std::env::var_os("DOCKER_CONFIG")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))?;
-        Some(dir.join("config.json")).filter(|p| p.is_file())
-    };
-    match auth_file.cloned().or_else(default) {
+    match auth_file.cloned().or_else(crate::oci::credentials::default_docker_config) {
         Some(p) => std::fs::read_to_string(&p).map_err(|source| {
             Error::Credentials(crate::oci::credentials::Error::Read { path: p.clone(), source })
         }),

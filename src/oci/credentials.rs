@@ -227,6 +227,15 @@ struct Loaded {
     generation: u64,
 }
 
+/// Docker's default config file: `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`, if
+/// it exists.
+pub fn default_docker_config() -> Option<PathBuf> {
+    let dir = std::env::var_os("DOCKER_CONFIG")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))?;
+    Some(dir.join("config.json")).filter(|p| p.is_file())
+}
+
 /// Credentials for registry hosts, re-read from their file whenever the file changes.
 #[derive(Debug)]
 pub struct CredentialStore {

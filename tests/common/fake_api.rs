@@ -121,3 +121,13 @@ pub fn default_reply(c: &Call) -> (u16, Value) {
     }
     (200, json!({}))
 }
+
+/// A fake API that serves the registry Secret `reg`, has no pods, and accepts pod creates.
+pub fn builder_api(secret: Value) -> (kube::Client, Arc<Mutex<Vec<Call>>>) {
+    fake_api(move |c| match (c.method.clone(), c.route().as_str()) {
+        (_, "GET /api/v1/namespaces/default/secrets/reg") => (200, secret.clone()),
+        (Method::GET, r) if r.contains("/pods/") => not_found(),
+        (Method::POST, r) if r.ends_with("/pods") => (201, c.body.clone()),
+        _ => default_reply(c),
+    })
+}
