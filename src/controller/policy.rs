@@ -1,10 +1,12 @@
-//! Decisions the controller makes after a pod ends (pure): retry an infrastructure failure on a
-//! new pod or fail for good, and when a finished pod may be deleted (its evidence is in every
-//! owner's status and no owner still follows it).
+//! Decisions the controller makes (pure but for the clock): retry an infrastructure failure on a
+//! new pod or fail for good, when a finished pod may be deleted (its evidence is in every owner's
+//! status and no owner still follows it), and when a wait has outlasted the queue time limit.
 
 use std::time::Duration;
 
-use crate::crd::ImageBuildStatus;
+use k8s_openapi::jiff::Timestamp;
+
+use crate::crd::{ImageBuild, ImageBuildStatus};
 use crate::reason::Reason;
 
 /// Retry and cleanup settings.
@@ -60,6 +62,28 @@ pub fn owner_done(status: Option<&ImageBuildStatus>, generation: Option<i64>, po
     let Some(s) = status else { return false };
     let terminal = s.phase.is_some_and(|p| p.is_terminal()) && s.observed_generation == generation;
     terminal || s.pod_name.as_deref() != Some(pod)
+}
+
+/// The Failed status when the ImageBuild has waited longer than its queue time limit.
+pub fn queue_expired(
+    ib: &ImageBuild,
+    default_limit: Duration,
+    s: &ImageBuildStatus,
+    message: &str,
+) -> Option<ImageBuildStatus> {
+    let limit = ib
+        .spec
+        .timeouts
+        .as_ref()
+        .and_then(|t| t.queue.as_deref())
+        .and_then(|q| crate::cli::parse_duration(q).ok())
+        .unwrap_or(default_limit);
+    let created = ib.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or_else(Timestamp::now);
+    let waited = Timestamp::now().duration_since(created).unsigned_abs();
+    (waited > limit).then(|| {
+        let message = format!("still waiting after {}s (spec.timeouts.queue): {message}", limit.as_secs());
+        super::status::failed_with(s.clone(), Reason::QueueTimeout, message)
+    })
 }
 
 #[cfg(test)]

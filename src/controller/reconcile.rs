@@ -178,7 +178,7 @@ async fn queue_wait(
     s: ImageBuildStatus,
     message: &str,
 ) -> Result<Action, Error> {
-    if let Some(done) = queue_expired(ib, ctx, &s, message) {
+    if let Some(done) = super::policy::queue_expired(ib, ctx.queue_timeout, &s, message) {
         return finish(ib, ctx, done).await;
     }
     if s.phase != Some(Phase::Queued)
@@ -318,33 +318,11 @@ async fn waiting(
     reason: Reason,
     message: &str,
 ) -> Result<Action, Error> {
-    if let Some(done) = queue_expired(ib, ctx, &s, message) {
+    if let Some(done) = super::policy::queue_expired(ib, ctx.queue_timeout, &s, message) {
         return finish(ib, ctx, done).await;
     }
     patch_status(ib, ctx, &status::in_progress(s, Phase::Pending, Some(reason), message)).await?;
     Ok(Action::requeue(RETRY))
-}
-
-/// The Failed status when the ImageBuild has waited longer than its queue time limit.
-fn queue_expired(
-    ib: &ImageBuild,
-    ctx: &Context,
-    s: &ImageBuildStatus,
-    message: &str,
-) -> Option<ImageBuildStatus> {
-    let limit = ib
-        .spec
-        .timeouts
-        .as_ref()
-        .and_then(|t| t.queue.as_deref())
-        .and_then(|q| crate::cli::parse_duration(q).ok())
-        .unwrap_or(ctx.queue_timeout);
-    let created = ib.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or_else(Timestamp::now);
-    let waited = Timestamp::now().duration_since(created).unsigned_abs();
-    (waited > limit).then(|| {
-        let message = format!("still waiting after {}s (spec.timeouts.queue): {message}", limit.as_secs());
-        status::failed_with(s.clone(), Reason::QueueTimeout, message)
-    })
 }
 
 /// Writes the whole status with server-side apply (fields left out are removed).
