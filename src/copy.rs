@@ -85,20 +85,6 @@ pub struct CopyArgs {
     pub timeout: Duration,
 }
 
-impl CopyArgs {
-    /// Arguments for copying `src` to `dst` with defaults for everything else.
-    pub fn new(src: impl Into<String>, dst: impl Into<String>) -> Self {
-        Self {
-            src: src.into(),
-            dst: dst.into(),
-            auth_file: None,
-            insecure_registries: Vec::new(),
-            jobs: 8,
-            timeout: Duration::from_secs(120),
-        }
-    }
-}
-
 /// Parses an image reference with a clear error.
 pub fn parse_ref(value: &str) -> Result<Reference, Error> {
     value.parse().map_err(|source| Error::Reference { value: value.to_string(), source })

@@ -2,8 +2,6 @@
 //! metric and Event, cancel (the build's last output kept), and the cleanup of a finished pod
 //! once no owner needs it. Events and cleanup are best effort: they never fail a reconcile.
 
-use std::time::Duration;
-
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -126,10 +124,7 @@ pub async fn cleanup(ib: &ImageBuild, ctx: &Context, pod: &str) {
             }
         }
     }
-    let grace = DeleteParams {
-        grace_period_seconds: Some(Duration::from_secs(10).as_secs() as u32),
-        ..Default::default()
-    };
+    let grace = DeleteParams { grace_period_seconds: Some(10), ..Default::default() };
     match pods.delete(pod, &grace).await {
         Ok(_) => tracing::info!(pod, "deleted the finished build pod"),
         Err(e) => tracing::debug!(pod, error = %e, "cannot delete the build pod"),

@@ -121,13 +121,14 @@ async fn start(ib: &ImageBuild, ctx: &Context, attempt: u32) -> Result<Action, E
         return queue_wait(ib, ctx, s, &message).await;
     }
     let applied = apply_pod(ib, ctx, pod).await?;
-    match applied {
-        Applied::Created => ctx.metrics.pods_created.inc(),
-        Applied::Joined => ctx.metrics.pods_joined.inc(),
-        Applied::Found => 0,
-    };
-    if let Some(start) = &s.start_time {
-        ctx.metrics.queue_wait.observe(Timestamp::now().duration_since(start.0).as_secs_f64().max(0.0));
+    // A pod found again after a restart was counted when it was created or joined.
+    if applied != Applied::Found {
+        let counter =
+            if applied == Applied::Created { &ctx.metrics.pods_created } else { &ctx.metrics.pods_joined };
+        counter.inc();
+        if let Some(start) = &s.start_time {
+            ctx.metrics.queue_wait.observe(Timestamp::now().duration_since(start.0).as_secs_f64().max(0.0));
+        }
     }
     s.cache_hit = Some(false);
     s.output = Some(ImageRef::new(&planned.workspace_ref, None));
