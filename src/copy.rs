@@ -80,7 +80,8 @@ pub struct CopyArgs {
     /// Blobs copied at once.
     #[arg(long, env = "BOB_COPY_JOBS", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub jobs: u16,
-    /// Longest silence from a registry before a request fails (e.g. 30s).
+    /// Longest wait for a registry's answer, retries included, and longest silence while a blob
+    /// streams (e.g. 30s).
     #[arg(long, env = "BOB_COPY_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
     pub timeout: Duration,
 }
@@ -110,7 +111,8 @@ pub fn observed_client(
     timeout: Duration,
     observer: Option<crate::oci::transport::Observer>,
 ) -> Result<Client, Error> {
-    let opts = TransportOptions { read_timeout: timeout, observer, ..Default::default() };
+    let opts =
+        TransportOptions { read_timeout: timeout, request_timeout: timeout, observer, ..Default::default() };
     let transport =
         Transport::new(Arc::new(creds), Endpoints::new(insecure), opts).map_err(Error::Transport)?;
     Ok(Client::new(transport))

@@ -51,6 +51,10 @@ async fn upstream_handler(State(s): State<Arc<Upstream>>, req: Request) -> Respo
             "<html>bad gateway</html>",
         )
             .into_response(),
+        "/v2/silent/manifests/t" => {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            "{}".into_response()
+        }
         "/v2/slow/manifests/t" => {
             tokio::time::sleep(Duration::from_secs(10)).await;
             "{}".into_response()
@@ -207,6 +211,24 @@ async fn slow_upstream_times_out_with_504() {
     .unwrap();
     assert_eq!(r.status(), 504);
     assert_eq!(code_of(&r.text().await.unwrap()), "UNAVAILABLE");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_upstream_costs_one_timeout_not_one_per_retry() {
+    let (up, state) = start_upstream().await;
+    let mut a = args(&up, "silent");
+    a.upstream_timeout = Duration::from_secs(1);
+    a.retries = 3;
+    let proxy = start_proxy(a).await;
+    let started = std::time::Instant::now();
+    let r = reqwest::get(format!("http://{proxy}/v2/target/manifests/latest")).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(r.status(), 504);
+    assert_eq!(code_of(&r.text().await.unwrap()), "UNAVAILABLE");
+    // The bound is the behaviour: retries and backoff fit in the one budget (they used to take
+    // 4 x 1 s + 1.4 s of backoff).
+    assert!(took < Duration::from_secs(2), "a silent upstream held the client for {took:?}");
+    assert_eq!(state.requests.load(Ordering::SeqCst), 1, "no retry can fit in the budget");
 }
 
 #[tokio::test(flavor = "multi_thread")]

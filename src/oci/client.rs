@@ -3,7 +3,6 @@
 //! `oci::transport`, so credentials, retries and the plain-HTTP rule are the proxy's.
 
 use bytes::Bytes;
-use futures::StreamExt;
 use http::{HeaderValue, Method, StatusCode, header};
 use url::Url;
 
@@ -119,6 +118,8 @@ impl Error {
                 source: super::token::Error::TokenRefused { .. },
                 ..
             }) => Kind::Unauthorized,
+            // A storage host behind the registry wanting credentials it will never get.
+            Error::Transport(transport::Error::ForeignChallenge { .. }) => Kind::Unauthorized,
             Error::Transport(_) | Error::Body { .. } => Kind::Unreachable,
             Error::Registry { status, .. } if status.is_server_error() => Kind::Unreachable,
             _ => Kind::Other,
@@ -322,12 +323,9 @@ impl Client {
     }
 
     /// A request to an upload URL; those may point at another host (storage front-ends), which
-    /// gets no credentials.
+    /// the transport gives no credentials.
     fn upload_request(&self, method: Method, host: &str, repository: &str, url: Url) -> Request {
-        let same_origin = self.transport.endpoints().same_origin(host, &url);
-        let mut req = Request::new(method, host, url, vec![repository_scope(repository, true)]);
-        req.authorize = same_origin;
-        req
+        Request::new(method, host, url, vec![repository_scope(repository, true)])
     }
 
     fn location(&self, host: &str, resp: &reqwest::Response) -> Result<Url, Error> {
@@ -366,16 +364,10 @@ async fn check(resp: reqwest::Response, method: &Method, what: String) -> Result
 }
 
 async fn read_limited(resp: reqwest::Response, host: &str, what: &str) -> Result<Bytes, Error> {
-    let mut stream = resp.bytes_stream();
-    let mut buf = bytes::BytesMut::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|source| Error::Body { host: host.to_string(), source })?;
-        if buf.len() + chunk.len() > MAX_MANIFEST_BYTES {
-            return Err(Error::ManifestTooLarge { what: what.to_string() });
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(buf.freeze())
+    transport::read_capped(resp, MAX_MANIFEST_BYTES)
+        .await
+        .map_err(|e| Error::Body { host: host.to_string(), source: e.without_url() })?
+        .ok_or_else(|| Error::ManifestTooLarge { what: what.to_string() })
 }
 
 #[cfg(test)]

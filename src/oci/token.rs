@@ -15,7 +15,8 @@ use url::Url;
 use super::credentials::{Credential, CredentialStore, Secret};
 use super::endpoint::Endpoints;
 
-/// Errors of authenticating against a registry.
+/// Errors of authenticating against a registry. Messages never name the token realm: they can
+/// reach a client of the proxy, which must not learn where the registry's credentials are sent.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The registry could not be reached to learn its challenge.
@@ -28,7 +29,7 @@ pub enum Error {
         source: reqwest::Error,
     },
     /// The token endpoint could not be reached or answered garbage.
-    #[error("token request to {realm} failed")]
+    #[error("the token request failed")]
     TokenRequest {
         /// The token endpoint.
         realm: String,
@@ -37,26 +38,44 @@ pub enum Error {
         source: reqwest::Error,
     },
     /// The token endpoint refused the credentials.
-    #[error("token endpoint {realm} refused the credentials with status {status}")]
+    #[error("the token endpoint refused the credentials with status {status}")]
     TokenRefused {
         /// The token endpoint.
         realm: String,
         /// Its HTTP status.
         status: u16,
     },
+    /// The token endpoint's answer is larger than a token response can be.
+    #[error("the token response is larger than {MAX_TOKEN_RESPONSE} bytes")]
+    TokenTooLarge {
+        /// The token endpoint.
+        realm: String,
+    },
+    /// The token endpoint's answer is not a token response.
+    #[error("the token response is not valid json")]
+    TokenInvalid {
+        /// The token endpoint.
+        realm: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
     /// The challenge names a realm that is not an http(s) URL.
-    #[error("invalid token realm {realm:?}")]
+    #[error("the challenge names a token realm that is not an http(s) URL")]
     BadRealm {
         /// The realm as given.
         realm: String,
     },
     /// Credentials would go over plain HTTP to a host that is not loopback or declared insecure.
-    #[error("refusing to send credentials over plain HTTP to {realm}")]
+    #[error("refusing to send credentials to a plain-HTTP token realm")]
     PlainHttpRealm {
         /// The token endpoint.
         realm: String,
     },
 }
+
+/// Largest token response read (real ones are a few KiB; a JWT with a certificate chain ~10).
+const MAX_TOKEN_RESPONSE: usize = 1 << 20;
 
 /// How a registry asks to be authenticated.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -267,6 +286,7 @@ impl Authenticator {
         if cred.is_some() && url.scheme() == "http" && !self.endpoints.is_plain_http(&realm_host) {
             return Err(Error::PlainHttpRealm { realm: realm.into() });
         }
+        tracing::debug!(realm, "fetching a registry token");
         let started = Instant::now();
         let request = match cred {
             Some(Credential::IdentityToken(refresh)) => {
@@ -305,13 +325,19 @@ impl Authenticator {
             }
         };
         let realm_s = realm.to_string();
-        let resp =
-            request.send().await.map_err(|source| Error::TokenRequest { realm: realm_s.clone(), source })?;
+        let resp = request
+            .send()
+            .await
+            .map_err(|e| Error::TokenRequest { realm: realm_s.clone(), source: e.without_url() })?;
         if !resp.status().is_success() {
             return Err(Error::TokenRefused { realm: realm_s, status: resp.status().as_u16() });
         }
-        let body: TokenResponse =
-            resp.json().await.map_err(|source| Error::TokenRequest { realm: realm_s.clone(), source })?;
+        let bytes = super::transport::read_capped(resp, MAX_TOKEN_RESPONSE)
+            .await
+            .map_err(|e| Error::TokenRequest { realm: realm_s.clone(), source: e.without_url() })?
+            .ok_or_else(|| Error::TokenTooLarge { realm: realm_s.clone() })?;
+        let body: TokenResponse = serde_json::from_slice(&bytes)
+            .map_err(|source| Error::TokenInvalid { realm: realm_s.clone(), source })?;
         let value = body
             .token
             .or(body.access_token)

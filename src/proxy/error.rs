@@ -71,9 +71,27 @@ pub enum ProxyError {
     Timeout {
         /// The upstream host.
         host: String,
-        /// The transport error.
+        /// The transport error, if one ended the wait.
         #[source]
-        source: reqwest::Error,
+        source: Option<reqwest::Error>,
+    },
+    /// A host behind the registry (storage) asked for credentials; none were sent.
+    #[error("a storage host of upstream registry {host} asked for credentials; none are sent there")]
+    ForeignChallenge {
+        /// The upstream host.
+        host: String,
+    },
+    /// The upstream registry refused the proxy's credentials.
+    #[error("upstream registry {host} refused the credentials of this build")]
+    Unauthorized {
+        /// The upstream host.
+        host: String,
+    },
+    /// The upstream redirected too often.
+    #[error("upstream registry {host} redirected too often")]
+    Redirects {
+        /// The upstream host.
+        host: String,
     },
     /// Authenticating to the upstream failed.
     #[error("cannot authenticate to upstream registry {host}")]
@@ -98,6 +116,8 @@ impl From<transport::Error> for ProxyError {
             transport::Error::Unreachable { host, source } => ProxyError::Unreachable { host, source },
             transport::Error::Timeout { host, source } => ProxyError::Timeout { host, source },
             transport::Error::Auth { host, source } => ProxyError::Auth { host, source },
+            transport::Error::ForeignChallenge { host, .. } => ProxyError::ForeignChallenge { host },
+            transport::Error::TooManyRedirects { host } => ProxyError::Redirects { host },
             // Built once at start-up; a request never produces it.
             transport::Error::Client(source) => ProxyError::Unreachable { host: "client".into(), source },
         }
@@ -122,6 +142,8 @@ impl ProxyError {
                 (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized)
             }
             Auth { .. } => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
+            Unauthorized { .. } => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
+            ForeignChallenge { .. } | Redirects { .. } => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
             ManifestTooLarge { .. } => (StatusCode::BAD_GATEWAY, ErrorCode::ManifestInvalid),
         }
     }
@@ -141,6 +163,9 @@ impl ProxyError {
             Unreachable { .. } => "upstream_unreachable",
             Timeout { .. } => "upstream_timeout",
             Auth { .. } => "upstream_auth",
+            Unauthorized { .. } => "upstream_unauthorized",
+            ForeignChallenge { .. } => "foreign_challenge",
+            Redirects { .. } => "upstream_redirects",
             ManifestTooLarge { .. } => "manifest_too_large",
         }
     }

@@ -3,7 +3,7 @@
 //! Sending itself (credentials, retries) is `oci::transport`, shared with `bob copy`.
 
 use axum::body::Body;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderName, StatusCode, header};
 
 use super::error::{ProxyError, envelope};
@@ -54,6 +54,12 @@ pub fn request_headers(client: &HeaderMap) -> HeaderMap {
 /// for the caller to rewrite.
 pub fn response(resp: reqwest::Response, head_only: bool) -> Response {
     let status = resp.status();
+    if status == StatusCode::UNAUTHORIZED {
+        // The client has no credentials to offer, and the registry's answer may name its token
+        // realm: say what happened in the proxy's own words.
+        let host = resp.url().host_str().unwrap_or("upstream").to_string();
+        return ProxyError::Unauthorized { host }.into_response();
+    }
     let json = resp
         .headers()
         .get(header::CONTENT_TYPE)

@@ -112,7 +112,6 @@ impl Proxy {
             headers: headers.clone(),
             body: body.map(|b| reqwest::Body::wrap_stream(b.into_data_stream())),
             scopes,
-            authorize: true,
         };
         match route {
             Route::Ping => Ok(ping()),
@@ -167,10 +166,9 @@ impl Proxy {
                     check_digest(&d)?;
                     url.query_pairs_mut().append_pair("digest", &d);
                 }
-                let mut out = send(&t.host, url, vec![repository_scope(&t.repository, true)], body);
-                // Credentials go only to the registry itself, never to a storage URL it redirects
-                // uploads to (such URLs carry their own signature).
-                out.authorize = self.upstream.endpoints().same_origin(&t.host, &out.url);
+                // The transport gives credentials only to the registry's own origin, never to a
+                // storage URL it sends uploads to (such URLs carry their own signature).
+                let out = send(&t.host, url, vec![repository_scope(&t.repository, true)], body);
                 let resp = self.upstream.send(out).await?;
                 Ok(self.alias_response(a, t, resp, head, Some(&id)))
             }

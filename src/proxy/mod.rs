@@ -103,7 +103,8 @@ pub struct ProxyArgs {
     /// Registries (host or host:port) spoken to over plain HTTP besides loopback ones.
     #[arg(long = "insecure-registry", env = "BOB_INSECURE_REGISTRIES", value_delimiter = ',')]
     pub insecure_registries: Vec<String>,
-    /// Longest silence from an upstream registry before the request fails (e.g. 30s, 500ms).
+    /// Longest wait for an upstream answer, retries included, and longest silence while a body
+    /// streams (e.g. 30s, 500ms).
     #[arg(long, env = "BOB_PROXY_UPSTREAM_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
     pub upstream_timeout: Duration,
     /// Retries of idempotent upstream requests on connection errors, 5xx and 429.
@@ -156,6 +157,7 @@ impl ProxyArgs {
         .map_err(Error::Credentials)?;
         let opts = UpstreamOptions {
             read_timeout: self.upstream_timeout,
+            request_timeout: self.upstream_timeout,
             retries: self.retries,
             ..Default::default()
         };

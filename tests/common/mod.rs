@@ -6,6 +6,7 @@
 pub mod build;
 pub mod fake_api;
 pub mod images;
+pub mod recorder;
 pub mod token;
 
 use std::io::{BufRead, BufReader, Read};
