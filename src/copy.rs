@@ -54,6 +54,7 @@ impl Error {
                 Kind::DigestMismatch => 5,
                 Kind::UnsupportedMediaType => 6,
                 Kind::Unreachable => 7,
+                Kind::Limit => 8,
                 Kind::Other => 1,
             },
             _ => 1,
@@ -64,7 +65,8 @@ impl Error {
 /// `bob copy` options.
 #[derive(clap::Args, Clone)]
 #[command(after_help = "Exit codes: 0 copied, 1 other error, 2 usage, 3 not found, 4 unauthorized, \
-5 digest mismatch, 6 unsupported media type, 7 registry unreachable.")]
+5 digest mismatch, 6 unsupported media type, 7 registry unreachable, 8 a limit exceeded (manifest over \
+4 MiB, indexes nested more than 8 deep, more than 1,000 manifests).")]
 pub struct CopyArgs {
     /// Source image reference (tag or digest; an index is copied with every platform).
     pub src: String,

@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use bob::oci::CredentialStore;
 use bob::oci::copy::{CopyOptions, Progress, copy};
 use common::*;
+use futures::StreamExt;
 
 fn bob_copy(src: &str, dst: &str, auth: Option<&std::path::Path>) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_bob"));
@@ -204,6 +205,7 @@ async fn a_corrupt_blob_from_a_hostile_upstream_is_caught_and_never_committed() 
     let d = Direct::new(&dst.host, None);
     assert!(!d.blob_exists("victim", &img.layers[0].digest).await, "the corrupt layer was not committed");
     assert_eq!(d.manifest_digest("victim", "t").await, None);
+    assert_eq!(dst.open_uploads(), Vec::<std::path::PathBuf>::new(), "the failed upload was cancelled");
 
     let src = format!("{evil}/old:t");
     let dst_ref = dst.repo("victim:old");
@@ -244,4 +246,134 @@ async fn through_the_proxy_across_registries_a_refused_mount_streams_or_skips_ex
     let streamed = (img.layers[1].bytes.len() + img.config.bytes.len()) as u64;
     assert_eq!((r.skipped, r.mounted, r.bytes), (1, 0, streamed), "{r:?}");
     assert_eq!(target.manifest_digest("ws", "w").await, Some(img.digest.clone()));
+}
+
+/// A source whose layers stream slowly except one that is missing: the copy fails while other
+/// blobs are in flight, with their uploads open at the destination.
+async fn half_broken(req: Request) -> Response {
+    let img = broken_image();
+    let path = req.uri().path().to_string();
+    let missing = format!("/v2/app/blobs/{}", img.layers[0].digest);
+    if path == "/v2/" {
+        return "{}".into_response();
+    }
+    if path == "/v2/app/manifests/t" {
+        return ([("content-type", OCI_MANIFEST)], img.manifest).into_response();
+    }
+    if path == missing {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        return (
+            axum::http::StatusCode::NOT_FOUND,
+            r#"{"errors":[{"code":"BLOB_UNKNOWN","message":"gone"}]}"#,
+        )
+            .into_response();
+    }
+    let blob = img.layers.iter().chain([&img.config]).find(|b| path.ends_with(&b.digest)).cloned();
+    match blob {
+        Some(b) => {
+            // Half now, the rest much later: the copy is mid-blob when the missing one fails.
+            let (first, rest) = b.bytes.split_at(b.bytes.len() / 2);
+            let (first, rest) = (bytes::Bytes::copy_from_slice(first), bytes::Bytes::copy_from_slice(rest));
+            let body = futures::stream::iter([Ok::<_, std::io::Error>(first)]).chain(futures::stream::once(
+                async move {
+                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                    Ok(rest)
+                },
+            ));
+            let len = b.bytes.len().to_string();
+            ([("content-length", len)], axum::body::Body::from_stream(body)).into_response()
+        }
+        None => axum::http::StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+fn broken_image() -> Image {
+    image((0..4).map(|i| pseudo_random(90 + i, 200_000)).collect(), "amd64")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_copy_leaves_no_upload_open_at_the_destination() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let src = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, axum::Router::new().fallback(half_broken)).await.unwrap();
+    });
+    let dst = Registry::start(RegistryAuth::None);
+    let (s, d) = (format!("{src}/app:t"), dst.repo("app:t"));
+    let out = tokio::task::spawn_blocking(move || bob_copy(&s, &d, None)).await.unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(dst.open_uploads(), Vec::<std::path::PathBuf>::new(), "uploads left open");
+    server.abort();
+}
+
+/// Serves a chain of `levels` indexes, each naming the next, ending in an image.
+fn index_chain(levels: usize) -> (std::collections::HashMap<String, (String, Vec<u8>)>, String) {
+    let img = small_image(99, "amd64");
+    let mut manifests = std::collections::HashMap::new();
+    manifests.insert(img.digest.clone(), (OCI_MANIFEST.to_string(), img.manifest.clone()));
+    let (mut digest, mut size, mut media) = (img.digest.clone(), img.manifest.len(), OCI_MANIFEST);
+    for _ in 0..levels {
+        let bytes = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_INDEX,
+            "manifests": [{"mediaType": media, "digest": digest, "size": size}],
+        }))
+        .unwrap();
+        (digest, size, media) = (digest_of(&bytes), bytes.len(), OCI_INDEX);
+        manifests.insert(digest.clone(), (OCI_INDEX.to_string(), bytes));
+    }
+    let blobs = [&img.config].into_iter().chain(&img.layers);
+    for b in blobs {
+        manifests.insert(b.digest.clone(), ("application/octet-stream".into(), b.bytes.clone()));
+    }
+    (manifests, digest)
+}
+
+async fn serve_chain(levels: usize) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let (objects, root) = index_chain(levels);
+    let objects = Arc::new(objects);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(move |req: Request| {
+        let (objects, root) = (objects.clone(), root.clone());
+        async move {
+            let path = req.uri().path();
+            let key = if path.ends_with("/manifests/t") {
+                root
+            } else {
+                path.rsplit('/').next().unwrap().to_string()
+            };
+            match objects.get(&key) {
+                _ if path == "/v2/" => "{}".into_response(),
+                Some((ct, bytes)) => ([("content-type", ct.clone())], bytes.clone()).into_response(),
+                None => axum::http::StatusCode::NOT_FOUND.into_response(),
+            }
+        }
+    });
+    let task = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nested_indexes_are_followed_to_a_bounded_depth() {
+    let dst = Registry::start(RegistryAuth::None);
+    let (ok_src, ok_server) = serve_chain(bob::oci::copy::MAX_INDEX_DEPTH).await;
+    let (s, d) = (format!("{ok_src}/deep:t"), dst.repo("deep:ok"));
+    let out = tokio::task::spawn_blocking(move || bob_copy(&s, &d, None)).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{} nested indexes are copied: {}",
+        bob::oci::copy::MAX_INDEX_DEPTH,
+        stderr(&out)
+    );
+
+    let (src, server) = serve_chain(1000).await;
+    let (s, d) = (format!("{src}/deep:t"), dst.repo("deep:t"));
+    let out = tokio::task::spawn_blocking(move || bob_copy(&s, &d, None)).await.unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(8), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains("nests indexes more than 8 deep"), "{err}");
+    assert_eq!(Direct::new(&dst.host, None).manifest_digest("deep", "t").await, None);
+    server.abort();
+    ok_server.abort();
 }

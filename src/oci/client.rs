@@ -56,6 +56,22 @@ pub enum Error {
         /// The reference.
         what: String,
     },
+    /// An index nests other indexes deeper than bob follows.
+    #[error("{what} nests indexes more than {max} deep")]
+    IndexTooDeep {
+        /// The reference.
+        what: String,
+        /// The limit.
+        max: usize,
+    },
+    /// An image names more manifests than one copy takes.
+    #[error("{what} names more than {max} manifests")]
+    TooManyManifests {
+        /// The reference.
+        what: String,
+        /// The limit.
+        max: usize,
+    },
     /// Any other answer from the registry.
     #[error("{host} answered {status} to {method} {path}: {message}")]
     Registry {
@@ -97,6 +113,8 @@ pub enum Kind {
     UnsupportedMediaType,
     /// The registry could not be reached or did not answer.
     Unreachable,
+    /// The image exceeds one of bob's limits (manifest size, index depth, manifest count).
+    Limit,
     /// Anything else.
     Other,
 }
@@ -121,6 +139,9 @@ impl Error {
             // A storage host behind the registry wanting credentials it will never get.
             Error::Transport(transport::Error::ForeignChallenge { .. }) => Kind::Unauthorized,
             Error::Transport(_) | Error::Body { .. } => Kind::Unreachable,
+            Error::ManifestTooLarge { .. } | Error::IndexTooDeep { .. } | Error::TooManyManifests { .. } => {
+                Kind::Limit
+            }
             Error::Registry { status, .. } if status.is_server_error() => Kind::Unreachable,
             _ => Kind::Other,
         }
@@ -284,30 +305,49 @@ impl Client {
         self.location(host, &resp)
     }
 
-    /// Abandons an upload session (best effort: registries expire them anyway).
+    /// Abandons an upload session and whatever bytes it holds. Best effort: a registry that
+    /// refuses keeps the session until it expires it (distribution: a week).
     pub async fn cancel_upload(&self, host: &str, repository: &str, location: Url) {
         let req = self.upload_request(Method::DELETE, host, repository, location);
-        if let Err(e) = self.transport.send(req).await {
-            tracing::debug!(error = %super::error::chain(&e), "cannot cancel an upload");
+        match self.transport.send(req).await {
+            Ok(r) if r.status().is_success() || r.status() == StatusCode::NOT_FOUND => {}
+            Ok(r) => {
+                tracing::warn!(status = r.status().as_u16(), %repository, "the registry refused to cancel an upload")
+            }
+            Err(e) => tracing::warn!(error = %super::error::chain(&e), "cannot cancel an upload"),
         }
     }
 
-    /// Finishes an upload with the whole blob in one streamed PUT.
-    pub async fn put_blob(
+    /// Streams bytes into an upload session with one `PATCH` (chunked, so a body may end early
+    /// and the session stays usable: it can still be completed or cancelled). Returns the
+    /// session's next URL.
+    pub async fn patch_upload(
+        &self,
+        host: &str,
+        repository: &str,
+        location: Url,
+        body: reqwest::Body,
+    ) -> Result<Url, Error> {
+        let mut req = self.upload_request(Method::PATCH, host, repository, location);
+        req.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        req.body = Some(body);
+        let resp =
+            check(self.transport.send(req).await?, &Method::PATCH, format!("upload to {repository}")).await?;
+        self.location(host, &resp)
+    }
+
+    /// Completes an upload whose bytes are all sent: a `PUT` with the digest and no body.
+    pub async fn complete_upload(
         &self,
         host: &str,
         repository: &str,
         location: Url,
         digest: &str,
-        size: u64,
-        body: reqwest::Body,
     ) -> Result<(), Error> {
         let mut url = location;
         url.query_pairs_mut().append_pair("digest", digest);
         let mut req = self.upload_request(Method::PUT, host, repository, url);
-        req.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-        req.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-        req.body = Some(body);
+        req.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
         check(self.transport.send(req).await?, &Method::PUT, format!("blob {digest}")).await.map(|_| ())
     }
 
@@ -328,10 +368,11 @@ impl Client {
         Request::new(method, host, url, vec![repository_scope(repository, true)])
     }
 
+    /// The `Location` of an upload answer, resolved against the URL that answered (a storage
+    /// host's relative location stays on that host).
     fn location(&self, host: &str, resp: &reqwest::Response) -> Result<Url, Error> {
         let loc = resp.headers().get(header::LOCATION).and_then(|v| v.to_str().ok());
-        let base = self.transport.endpoints().base_url(host);
-        loc.and_then(|l| base.join(l).ok()).ok_or_else(|| Error::Registry {
+        loc.and_then(|l| resp.url().join(l).ok()).ok_or_else(|| Error::Registry {
             host: host.to_string(),
             method: Method::POST,
             path: resp.url().path().to_string(),

@@ -3,14 +3,14 @@
 //! registry are mounted, and the rest are streamed through with their digest verified on the way.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
-use futures::{StreamExt, TryStreamExt, stream};
-use sha2::{Digest, Sha256};
+use futures::{StreamExt, stream};
 
 use super::Reference;
-use super::client::{Client, Error, Manifest, Mount};
+use super::blob;
+use super::client::{Client, Error, Manifest};
 use super::manifest::{self, Descriptor, Parsed};
 
 /// Tunables of a copy.
@@ -64,6 +64,15 @@ pub struct CopyReport {
     pub up_to_date: bool,
 }
 
+/// Deepest nesting of indexes a copy follows. The OCI image spec lets an index name other
+/// indexes and sets no limit; real images use one level (a multi-platform index), nested
+/// artifact indexes two or three. Eight is far above that and keeps a hostile chain from
+/// exhausting the stack.
+pub const MAX_INDEX_DEPTH: usize = 8;
+
+/// Most manifests one copy takes (a multi-platform image with attestations has a few dozen).
+pub const MAX_MANIFESTS: usize = 1000;
+
 /// Everything a copy must push: manifests children-first, and the distinct blobs.
 #[derive(Default)]
 struct Plan {
@@ -105,13 +114,30 @@ pub async fn copy(
         return Ok(report(0, true));
     }
     let mut plan = Plan::default();
-    walk(client, src, root.clone(), &mut plan).await?;
+    walk(client, src, root.clone(), 0, &mut plan).await?;
     progress.blobs_total.store(plan.blobs.len() as u64, Ordering::Relaxed);
-    stream::iter(plan.blobs.values())
-        .map(|d| copy_blob(client, src, dst, d, progress))
+    // On the first failure the others are told to stop, and each ends its own upload (a
+    // dropped request would leave its session open at the destination with no way to cancel
+    // it: distribution refuses a cancel whose state is older than the bytes it received).
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let results: Vec<_> = stream::iter(plan.blobs.values())
+        .map(|d| {
+            let blob = blob::Blob { client, src, dst, descriptor: d, progress, stop: stopped.clone() };
+            let stop = &stop;
+            async move {
+                let result = blob.copy().await;
+                if result.is_err() {
+                    stop.send_replace(true);
+                }
+                result
+            }
+        })
         .buffer_unordered(opts.jobs.max(1))
-        .try_collect::<()>()
-        .await?;
+        .collect()
+        .await;
+    if let Some(e) = blob::first_failure(results) {
+        return Err(e);
+    }
     let (host, repo) = (dst.registry(), dst.repository());
     let count = plan.manifests.len();
     for m in &plan.manifests {
@@ -121,15 +147,28 @@ pub async fn copy(
     Ok(report(count, false))
 }
 
-/// Collects the manifests under `m` (children first) and their blobs.
-async fn walk(client: &Client, src: &Reference, m: Manifest, plan: &mut Plan) -> Result<(), Error> {
+/// Collects the manifests under `m` (children first) and their blobs; `m` is `depth` indexes
+/// below the root.
+async fn walk(
+    client: &Client,
+    src: &Reference,
+    m: Manifest,
+    depth: usize,
+    plan: &mut Plan,
+) -> Result<(), Error> {
     let parsed = manifest::parse(&m.media_type, &m.bytes)
         .map_err(|source| Error::Manifest { what: format!("{} ({})", src.whole(), m.digest), source })?;
     match &parsed {
+        Parsed::Index { .. } if depth >= MAX_INDEX_DEPTH => {
+            return Err(Error::IndexTooDeep { what: src.whole(), max: MAX_INDEX_DEPTH });
+        }
         Parsed::Index { manifests } => {
             for child in manifests {
                 if plan.manifests.iter().any(|p| p.digest == child.digest) {
                     continue;
+                }
+                if plan.manifests.len() + 1 >= MAX_MANIFESTS {
+                    return Err(Error::TooManyManifests { what: src.whole(), max: MAX_MANIFESTS });
                 }
                 let child_ref = Reference::with_digest(
                     src.registry().to_string(),
@@ -137,7 +176,7 @@ async fn walk(client: &Client, src: &Reference, m: Manifest, plan: &mut Plan) ->
                     child.digest.clone(),
                 );
                 let cm = client.manifest(&child_ref).await?;
-                Box::pin(walk(client, src, cm, plan)).await?;
+                Box::pin(walk(client, src, cm, depth + 1, plan)).await?;
             }
         }
         Parsed::Image { .. } => {
@@ -148,124 +187,4 @@ async fn walk(client: &Client, src: &Reference, m: Manifest, plan: &mut Plan) ->
     }
     plan.manifests.push(m);
     Ok(())
-}
-
-/// Makes one blob exist at the destination: skip, mount, or stream it through.
-async fn copy_blob(
-    client: &Client,
-    src: &Reference,
-    dst: &Reference,
-    d: &Descriptor,
-    progress: &Arc<Progress>,
-) -> Result<(), Error> {
-    let (host, repo) = (dst.registry(), dst.repository());
-    let done = || progress.blobs_done.fetch_add(1, Ordering::Relaxed);
-    let skipped = || {
-        progress.blobs_skipped.fetch_add(1, Ordering::Relaxed);
-        done();
-        tracing::debug!(digest = %d.digest, "blob exists");
-    };
-    // On one registry a mount answers for an existing blob too, so it goes first (one request,
-    // not two); elsewhere a HEAD saves a transfer.
-    let same_registry = src.registry() == host && src.repository() != repo;
-    let location = if same_registry {
-        match client.mount(host, repo, src.repository(), &d.digest).await? {
-            Mount::Mounted => {
-                progress.blobs_mounted.fetch_add(1, Ordering::Relaxed);
-                done();
-                tracing::debug!(digest = %d.digest, "blob mounted");
-                return Ok(());
-            }
-            Mount::Upload(url) if client.blob_exists(host, repo, &d.digest).await? => {
-                client.cancel_upload(host, repo, url).await;
-                skipped();
-                return Ok(());
-            }
-            Mount::Upload(url) => url,
-        }
-    } else if client.blob_exists(host, repo, &d.digest).await? {
-        skipped();
-        return Ok(());
-    } else {
-        client.start_upload(host, repo).await?
-    };
-    progress.bytes_total.fetch_add(d.size, Ordering::Relaxed);
-    let resp = client.blob(src.registry(), src.repository(), &d.digest).await?;
-    let size = resp.content_length().unwrap_or(d.size);
-    let mismatch = Arc::new(Mutex::new(None));
-    let body = verified(resp, d.clone(), mismatch.clone(), progress);
-    let result = client.put_blob(host, repo, location, &d.digest, size, body).await;
-    if let Some(actual) = mismatch.lock().unwrap_or_else(|e| e.into_inner()).take() {
-        return Err(Error::DigestMismatch {
-            what: format!("blob from {}", src.whole()),
-            expected: d.digest.clone(),
-            actual,
-        });
-    }
-    result?;
-    done();
-    tracing::debug!(digest = %d.digest, size, "blob streamed");
-    Ok(())
-}
-
-/// The source body as an upload body that hashes what passes and fails at the end if the digest
-/// or size is wrong, so a bad blob is never committed.
-fn verified(
-    resp: reqwest::Response,
-    d: Descriptor,
-    mismatch: Arc<Mutex<Option<String>>>,
-    progress: &Arc<Progress>,
-) -> reqwest::Body {
-    let progress = progress.clone();
-    let state = (resp.bytes_stream(), Sha256::new(), 0u64, false);
-    let s = stream::unfold(state, move |(mut inner, mut hasher, mut n, finished)| {
-        let d = d.clone();
-        let mismatch = mismatch.clone();
-        let progress = progress.clone();
-        async move {
-            if finished {
-                return None;
-            }
-            match inner.next().await {
-                Some(Ok(chunk)) => {
-                    hasher.update(&chunk);
-                    n += chunk.len() as u64;
-                    // With a Content-Length the client stops polling after the last byte, so
-                    // the check runs when the size is reached, before that chunk is passed on.
-                    if d.size > 0
-                        && n >= d.size
-                        && let Some(bad) = check(&hasher, n, &d)
-                    {
-                        *mismatch.lock().unwrap_or_else(|e| e.into_inner()) = Some(bad);
-                        let err = std::io::Error::other("blob digest mismatch");
-                        return Some((Err(err), (inner, hasher, n, true)));
-                    }
-                    progress.bytes_sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                    Some((Ok(chunk), (inner, hasher, n, false)))
-                }
-                Some(Err(e)) => Some((Err(std::io::Error::other(e)), (inner, hasher, n, true))),
-                None => match check(&hasher, n, &d) {
-                    Some(bad) => {
-                        *mismatch.lock().unwrap_or_else(|e| e.into_inner()) = Some(bad);
-                        let err = std::io::Error::other("blob digest mismatch");
-                        Some((Err(err), (inner, hasher, n, true)))
-                    }
-                    None => None,
-                },
-            }
-        }
-    });
-    reqwest::Body::wrap_stream(s)
-}
-
-/// What is wrong with `n` bytes hashing to `hasher` for descriptor `d`, if anything.
-fn check(hasher: &Sha256, n: u64, d: &Descriptor) -> Option<String> {
-    let actual = manifest::hex_digest(hasher.clone().finalize().as_slice());
-    if actual != d.digest {
-        Some(actual)
-    } else if d.size > 0 && n != d.size {
-        Some(format!("{n} bytes, not {}", d.size))
-    } else {
-        None
-    }
 }

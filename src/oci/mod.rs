@@ -1,6 +1,7 @@
 //! Registry plumbing shared by every registry client in bob: the plain-HTTP rule, docker
 //! credentials, the token flow and the distribution-spec error format.
 
+mod blob;
 pub mod client;
 pub mod copy;
 pub mod credentials;

@@ -171,6 +171,30 @@ impl Registry {
     pub fn repo(&self, repo: &str) -> String {
         format!("{}/{repo}", self.host)
     }
+
+    /// The upload sessions open in the registry's storage: `<repo>/_uploads/<id>` directories
+    /// that still hold the session (`startedat`) or its bytes (`data`). A cancelled session
+    /// leaves only an empty-ish `hashstates` directory behind (distribution 2.8 writes the hash
+    /// state once more after the cancel), which holds no data and no session.
+    pub fn open_uploads(&self) -> Vec<PathBuf> {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if !path.is_dir() {
+                    continue;
+                }
+                if path.file_name().is_some_and(|n| n == "_uploads") {
+                    let sessions = std::fs::read_dir(&path).into_iter().flatten().flatten().map(|e| e.path());
+                    out.extend(sessions.filter(|s| s.join("startedat").exists() || s.join("data").exists()));
+                } else {
+                    walk(&path, out);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self._dir.path().join("data/docker/registry/v2/repositories"), &mut out);
+        out
+    }
 }
 
 /// A `bob proxy` process on a free port.
