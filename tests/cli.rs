@@ -73,3 +73,39 @@ fn help_never_shows_inline_credentials() {
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("BOB_AUTH") && !help.contains("c2VjcmV0"), "{help}");
 }
+
+#[test]
+fn listening_beyond_loopback_needs_an_explicit_option_and_warns() {
+    for addr in ["0.0.0.0:0", "[::]:0"] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bob"))
+            .arg("proxy")
+            .env_clear()
+            .env("BOB_PROXY_ADDR", addr)
+            .env("RUST_LOG", "off")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A proxy that starts listening never exits by itself: give it a bound, then kill it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if child.try_wait().unwrap().is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("bob proxy listened on {addr} without --allow-non-loopback");
+        }
+        let out = child.wait_with_output().unwrap();
+        fails_with_one_line(&out, "loopback");
+    }
+    let proxy = common::ProxyProc::start(&[
+        ("BOB_PROXY_ADDR", "0.0.0.0:0"),
+        ("BOB_PROXY_ALLOW_NON_LOOPBACK", "true"),
+    ]);
+    let log = proxy.proc.output();
+    assert!(log.contains("WARN") && log.contains("loopback"), "one warning line:\n{log}");
+    // The exec probe still works (it probes loopback on the same port).
+    let ok = bob(&["proxy", "--check"], &[("BOB_PROXY_ADDR", &proxy.addr)]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+}

@@ -19,6 +19,7 @@ struct Upstream {
     requests: AtomicUsize,
     flaky_left: AtomicUsize,
     seen_headers: std::sync::Mutex<Vec<String>>,
+    seen: std::sync::Mutex<Vec<String>>,
 }
 
 async fn upstream_handler(State(s): State<Arc<Upstream>>, req: Request) -> Response {
@@ -27,6 +28,7 @@ async fn upstream_handler(State(s): State<Arc<Upstream>>, req: Request) -> Respo
         return (axum::http::StatusCode::OK, "{}").into_response();
     }
     s.requests.fetch_add(1, Ordering::SeqCst);
+    s.seen.lock().unwrap().push(format!("{} {path}", req.method()));
     s.seen_headers.lock().unwrap().extend(req.headers().keys().map(|k| k.to_string()));
     let unavailable = || {
         (
@@ -75,14 +77,15 @@ async fn start_upstream() -> (String, Arc<Upstream>) {
     (addr, state)
 }
 
-/// Serves `bob proxy`'s router in process on a free port.
+/// Serves `bob proxy` in process on a free port, with its real listener.
 async fn start_proxy(mut args: ProxyArgs) -> String {
     common::init();
     args.upstream_timeout = args.upstream_timeout.min(Duration::from_secs(30));
     let proxy = Arc::new(args.build().expect("valid proxy config"));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(async move { axum::serve(listener, bob::proxy::router(proxy)).await.unwrap() });
+    let limits = args.limits();
+    tokio::spawn(bob::proxy::serve(listener, proxy, limits, std::future::pending()));
     addr
 }
 
@@ -135,7 +138,8 @@ async fn every_refusal_has_its_status_and_code_and_never_reaches_upstream() {
         ("PUT /v2/base/manifests/latest HTTP/1.1", 403, "DENIED"),
         ("POST /v2/base/blobs/uploads/ HTTP/1.1", 403, "DENIED"),
         ("GET /v2/_catalog HTTP/1.1", 404, "NAME_UNKNOWN"),
-        ("GET /v2/target/tags/list HTTP/1.1", 404, "NAME_UNKNOWN"),
+        ("GET /v2/mirror/evil.test/x/tags/list HTTP/1.1", 404, "NAME_UNKNOWN"),
+        ("POST /v2/target/tags/list HTTP/1.1", 405, "UNSUPPORTED"),
         ("GET /v2/mirror/evil.test/x/manifests/latest HTTP/1.1", 403, "DENIED"),
     ];
     for (line, status, code) in cases {
@@ -143,6 +147,34 @@ async fn every_refusal_has_its_status_and_code_and_never_reaches_upstream() {
         assert_eq!((got, code_of(&body).as_str()), (status, code), "{line}: {body}");
     }
     assert_eq!(state.requests.load(Ordering::SeqCst), 0, "a refused request reached upstream");
+}
+
+/// `GET <path>` through the proxy as JSON.
+async fn get_json(proxy: &str, path: &str) -> (u16, serde_json::Value) {
+    let r = reqwest::get(format!("http://{proxy}{path}")).await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tags_list_is_answered_locally_with_the_planned_tag_only_when_it_exists() {
+    let (up, state) = start_upstream().await;
+    let d = format!("sha256:{}", "ab".repeat(32));
+    let mut a = args(&up, "flaky");
+    a.base_ref = Some(format!("{up}/pinned@{d}"));
+    let proxy = start_proxy(a).await;
+    let (status, v) = get_json(&proxy, "/v2/target/tags/list").await;
+    assert_eq!((status, v), (200, serde_json::json!({"name": "target", "tags": ["t"]})));
+    let (status, v) = get_json(&proxy, "/v2/target/tags/list?n=1&last=t").await;
+    assert_eq!((status, v), (200, serde_json::json!({"name": "target", "tags": []})), "pagination");
+    // A digest-pinned alias has no tag to list; upstream is not asked.
+    let (status, v) = get_json(&proxy, "/v2/base/tags/list").await;
+    assert_eq!((status, v), (200, serde_json::json!({"name": "base", "tags": []})));
+    assert_eq!(*state.seen.lock().unwrap(), ["HEAD /v2/flaky/manifests/t"; 2], "only the planned manifest");
+    // The planned tag does not exist upstream: an empty list, as for an existing repository.
+    let (up, _) = start_upstream().await;
+    let proxy = start_proxy(args(&up, "ws")).await;
+    let (status, v) = get_json(&proxy, "/v2/target/tags/list").await;
+    assert_eq!((status, v), (200, serde_json::json!({"name": "target", "tags": []})));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -285,3 +285,26 @@ async fn rotated_secret_file_is_picked_up_without_restart() {
     assert_eq!(head().await.unwrap().status(), 200, "rotated credentials are used");
     assert!(!proxy.proc.output().contains("right-pass"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tags_list_shows_only_the_planned_tag_and_skopeo_inspect_works() {
+    let reg = Registry::start(RegistryAuth::Basic { user: "t", password: "tags-pass" });
+    let creds = docker_config(&reg.host, "t", "tags-pass");
+    let direct = Direct::new(&reg.host, Some(&creds));
+    let (planned, other) = (small_image(70, "amd64"), small_image(71, "amd64"));
+    direct.push_image("ws", "planned", &planned).await;
+    direct.push_image("ws", "someone-elses", &other).await;
+    let proxy = ProxyProc::start(&[("BOB_PROXY_TARGET_REF", &reg.repo("ws:planned")), ("BOB_AUTH", &creds)]);
+    let r = reqwest::get(format!("{}/v2/target/tags/list", proxy.url())).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v, serde_json::json!({"name": "target", "tags": ["planned"]}), "never the real list");
+    let out = run_ok(
+        skopeo()
+            .args(["inspect", "--tls-verify=false", "--no-creds"])
+            .arg(format!("docker://{}/target:anything", proxy.addr)),
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["Digest"], planned.digest.as_str(), "{out}");
+    assert_eq!(v["RepoTags"], serde_json::json!(["planned"]), "{out}");
+}

@@ -51,6 +51,12 @@ pub enum ProxyError {
     /// An upload URL the proxy did not issue (or that expired).
     #[error("unknown upload: only upload URLs issued by this proxy are accepted")]
     UploadUnknown,
+    /// The cap on open upload sessions is reached; nothing was opened upstream.
+    #[error("too many open uploads (at most {max}): finish or cancel one first")]
+    TooManyUploads {
+        /// The cap.
+        max: usize,
+    },
     /// The alias is not configured in this proxy.
     #[error("alias {alias} is not configured")]
     AliasUnset {
@@ -136,6 +142,7 @@ impl ProxyError {
             MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::Unsupported),
             Denied { .. } => (StatusCode::FORBIDDEN, ErrorCode::Denied),
             UploadUnknown => (StatusCode::NOT_FOUND, ErrorCode::BlobUploadUnknown),
+            TooManyUploads { .. } => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::Toomanyrequests),
             Unreachable { .. } => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
             Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Unavailable),
             Auth { source: token::Error::TokenRefused { .. }, .. } => {
@@ -159,6 +166,7 @@ impl ProxyError {
             MethodNotAllowed { .. } => "method_not_allowed",
             Denied { .. } => "denied",
             UploadUnknown => "upload_unknown",
+            TooManyUploads { .. } => "too_many_uploads",
             AliasUnset { .. } => "alias_unset",
             Unreachable { .. } => "upstream_unreachable",
             Timeout { .. } => "upstream_timeout",

@@ -83,7 +83,7 @@ pub fn response(resp: reqwest::Response, head_only: bool) -> Response {
 }
 
 /// The spec code that best names an upstream status without a registry error body.
-fn code_for(status: StatusCode) -> ErrorCode {
+pub(super) fn code_for(status: StatusCode) -> ErrorCode {
     match status.as_u16() {
         401 => ErrorCode::Unauthorized,
         403 => ErrorCode::Denied,

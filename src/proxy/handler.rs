@@ -151,17 +151,19 @@ impl Proxy {
                 self.writable(a)?;
                 let UploadQuery { pairs, mut scopes } = self.upload_query(t, &query)?;
                 scopes.insert(0, repository_scope(&t.repository, true));
+                // Beyond the cap nothing is opened upstream (429); live sessions are never evicted.
+                let slot = self.uploads.reserve(a)?;
                 let mut url = self.url(&t.host, &format!("{}/blobs/uploads/", t.repository));
                 if !pairs.is_empty() {
                     url.query_pairs_mut().extend_pairs(pairs.iter().map(|(k, v)| (*k, v.as_str())));
                 }
                 let resp = self.upstream.send(send(&t.host, url, scopes, body)).await?;
-                Ok(self.alias_response(a, t, resp, head, None))
+                Ok(self.alias_response(a, t, resp, head, Some(slot.id())))
             }
             Route::Upload { alias: a, id } => {
                 let t = self.alias(a)?;
                 self.writable(a)?;
-                let mut url = self.uploads.get(a, &id).ok_or(ProxyError::UploadUnknown)?;
+                let (mut url, _in_flight) = self.uploads.begin(a, &id).ok_or(ProxyError::UploadUnknown)?;
                 if let Some(d) = query_value(&query, "digest") {
                     check_digest(&d)?;
                     url.query_pairs_mut().append_pair("digest", &d);
@@ -209,10 +211,11 @@ impl Proxy {
                     .await?;
                 Ok(forward::response(resp, head))
             }
+            Route::TagsList(a) => self.tags_list(a, &query).await,
         }
     }
 
-    fn alias(&self, a: Alias) -> Result<&AliasTarget, ProxyError> {
+    pub(super) fn alias(&self, a: Alias) -> Result<&AliasTarget, ProxyError> {
         match a {
             Alias::Base => self.base.as_ref(),
             Alias::Target => self.target.as_ref(),
@@ -227,7 +230,7 @@ impl Proxy {
         Ok(())
     }
 
-    fn url(&self, host: &str, rest: &str) -> Url {
+    pub(super) fn url(&self, host: &str, rest: &str) -> Url {
         let base = self.upstream.endpoints().base_url(host);
         // Every part of `rest` was validated by the router, so joining cannot escape `/v2/`.
         base.join(&format!("v2/{rest}")).unwrap_or(base)
@@ -281,17 +284,14 @@ impl Proxy {
             .and_then(|v| v.to_str().ok())
             .and_then(|l| resp.url().join(l).ok());
         let mut out = forward::response(resp, head);
-        let rewritten = location.and_then(|loc| {
-            if status == StatusCode::ACCEPTED {
-                let id = match session {
-                    Some(id) => {
-                        self.uploads.update(id, loc);
-                        id.to_string()
-                    }
-                    None => self.uploads.issue(alias, loc),
-                };
+        // Only a session (reserved by its POST) becomes an upload URL; other routes' `Location`s
+        // are only renamed, so no answer can open a session past the cap.
+        let rewritten = location.and_then(|loc| match session {
+            Some(id) if status == StatusCode::ACCEPTED => {
+                self.uploads.update(id, loc);
                 Some(format!("/v2/{}/blobs/uploads/{id}", alias.name()))
-            } else {
+            }
+            _ => {
                 let prefix = format!("/v2/{}/", t.repository);
                 loc.path().strip_prefix(&prefix).map(|rest| format!("/v2/{}/{rest}", alias.name()))
             }

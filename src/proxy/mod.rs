@@ -7,14 +7,18 @@ pub mod forward;
 pub mod handler;
 pub mod mirror;
 pub mod route;
+pub mod server;
+mod tags;
 pub mod uploads;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use tokio::net::TcpListener;
 
 pub use crate::oci::transport::TransportOptions as UpstreamOptions;
 pub use error::ProxyError;
@@ -50,6 +54,15 @@ pub enum Error {
         /// The address given.
         addr: String,
     },
+    /// The listen address is not loopback and that was not allowed explicitly.
+    #[error(
+        "refusing to listen on {addr}: not a loopback address, and the proxy holds registry credentials \
+         (set --allow-non-loopback or BOB_PROXY_ALLOW_NON_LOOPBACK=true to allow it)"
+    )]
+    NotLoopback {
+        /// The address.
+        addr: SocketAddr,
+    },
     /// The listen socket cannot be bound.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -71,9 +84,6 @@ pub enum Error {
         /// The address probed.
         addr: SocketAddr,
     },
-    /// The server stopped with an I/O error.
-    #[error("proxy server failed")]
-    Serve(#[source] std::io::Error),
 }
 
 /// `bob proxy` options. Every option has an environment variable (the build pod sets those).
@@ -82,6 +92,9 @@ pub struct ProxyArgs {
     /// Address to listen on; loopback, so only containers of the pod can reach it.
     #[arg(long, env = "BOB_PROXY_ADDR", default_value = "127.0.0.1:8080")]
     pub addr: String,
+    /// Allow a listen address beyond loopback (anyone who reaches it can use the credentials).
+    #[arg(long, env = "BOB_PROXY_ALLOW_NON_LOOPBACK")]
+    pub allow_non_loopback: bool,
     /// Real image reference that the `base` alias maps to (e.g. registry.example/base:<key>).
     #[arg(long, env = "BOB_PROXY_BASE_REF")]
     pub base_ref: Option<String>,
@@ -110,6 +123,23 @@ pub struct ProxyArgs {
     /// Retries of idempotent upstream requests on connection errors, 5xx and 429.
     #[arg(long, env = "BOB_PROXY_RETRIES", default_value_t = 3)]
     pub retries: u32,
+    /// Longest wait for a client's complete request head; slower clients are disconnected.
+    #[arg(long, env = "BOB_PROXY_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+    /// Longest idle time of a kept-alive client connection between two requests.
+    #[arg(long, env = "BOB_PROXY_IDLE_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// Most client connections at once; at the limit the longest-waiting idle one is closed.
+    #[arg(long, env = "BOB_PROXY_MAX_CONNECTIONS", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Most upload sessions open at once; further upload starts get 429 TOOMANYREQUESTS.
+    #[arg(long, env = "BOB_PROXY_MAX_UPLOADS", default_value_t = uploads::DEFAULT_MAX as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_uploads: u32,
+    /// Idle time after which an upload session is dropped and its upstream upload cancelled.
+    #[arg(long, env = "BOB_PROXY_UPLOAD_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub upload_idle_timeout: Duration,
     /// Exit 0 if a proxy answers on the address, 1 otherwise (the pod's exec startup probe).
     #[arg(long)]
     pub check: bool,
@@ -129,7 +159,22 @@ impl ProxyArgs {
             insecure_registries: Vec::new(),
             upstream_timeout: Duration::from_secs(120),
             retries: 3,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            max_connections: 256,
+            max_uploads: uploads::DEFAULT_MAX as u32,
+            upload_idle_timeout: uploads::DEFAULT_IDLE,
+            allow_non_loopback: false,
             check: false,
+        }
+    }
+
+    /// The listener's limits.
+    pub fn limits(&self) -> server::Limits {
+        server::Limits {
+            header_timeout: self.header_timeout,
+            idle_timeout: self.idle_timeout,
+            max_connections: self.max_connections as usize,
         }
     }
 
@@ -174,7 +219,7 @@ impl ProxyArgs {
             base_read_only: self.base_read_only,
             mirror,
             upstream,
-            uploads: uploads::Uploads::default(),
+            uploads: uploads::Uploads::new(self.upload_idle_timeout, self.max_uploads as usize),
         })
     }
 
@@ -191,19 +236,38 @@ pub fn router(proxy: Arc<Proxy>) -> Router {
     Router::new().fallback(handler::handle).with_state(proxy)
 }
 
+/// Serves the proxy on `listener` within `limits` until `shutdown` completes, cancelling expired
+/// upload sessions upstream in the background.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    limits: server::Limits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let sweeper = tokio::spawn(uploads::sweep(proxy.clone()));
+    server::serve(listener, router(proxy), limits, shutdown).await;
+    sweeper.abort();
+}
+
 /// Runs `bob proxy` (or its `--check`) until SIGTERM/SIGINT.
 pub async fn run(args: ProxyArgs) -> Result<(), Error> {
     let addr = args.socket_addr()?;
     if args.check {
         return check(addr).await;
     }
+    if !addr.ip().is_loopback() {
+        if !args.allow_non_loopback {
+            return Err(Error::NotLoopback { addr });
+        }
+        tracing::warn!(%addr, "listening beyond loopback: whoever reaches this address can use the registry credentials");
+    }
     let proxy = Arc::new(args.build()?);
-    let listener =
-        tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+    let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
     let local = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
     // Tests and `bob run` read the real port from this line when they ask for port 0.
     tracing::info!("bob proxy listening on http://{local}");
-    axum::serve(listener, router(proxy)).with_graceful_shutdown(shutdown()).await.map_err(Error::Serve)
+    serve(listener, proxy, args.limits(), shutdown()).await;
+    Ok(())
 }
 
 async fn shutdown() {

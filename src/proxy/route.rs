@@ -83,6 +83,8 @@ pub enum Route {
         /// The proxy's session id.
         id: String,
     },
+    /// `GET /v2/<alias>/tags/list`, answered locally with the planned tag only.
+    TagsList(Alias),
 }
 
 /// Routes a request or says why it is refused.
@@ -100,6 +102,8 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ProxyError> {
         (&segments[..n - 3], if id.is_empty() { Op::UploadStart } else { Op::Upload(id) })
     } else if n >= 2 && segments[n - 2] == "blobs" && segments[n - 1] == "uploads" {
         (&segments[..n - 2], Op::UploadStart)
+    } else if n >= 3 && segments[n - 2] == "tags" && segments[n - 1] == "list" {
+        (&segments[..n - 2], Op::TagsList)
     } else if n >= 3 && segments[n - 2] == "manifests" {
         (&segments[..n - 2], Op::Manifest(segments[n - 1]))
     } else if n >= 3 && segments[n - 2] == "blobs" {
@@ -132,6 +136,9 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ProxyError> {
         (Op::UploadStart | Op::Upload(_), Repo::Mirror { .. }) => {
             Err(ProxyError::Denied { reason: "the mirror route is read-only".into() })
         }
+        (Op::TagsList, Repo::Alias(a)) => allow(method, &[Method::GET], Route::TagsList(a)),
+        // A mirror's tag list would show every tag of a repository the build may read one of.
+        (Op::TagsList, Repo::Mirror { .. }) => Err(ProxyError::NotFound { path: path.to_string() }),
     }
 }
 
@@ -140,6 +147,7 @@ enum Op<'a> {
     Blob(&'a str),
     UploadStart,
     Upload(&'a str),
+    TagsList,
 }
 
 fn allow(method: &Method, allowed: &[Method], route: Route) -> Result<Route, ProxyError> {
@@ -294,6 +302,8 @@ mod tests {
             ok(Method::PATCH, "/v2/target/blobs/uploads/abc123"),
             Route::Upload { alias: Alias::Target, id: "abc123".into() }
         );
+        assert_eq!(ok(Method::GET, "/v2/target/tags/list"), Route::TagsList(Alias::Target));
+        assert_eq!(ok(Method::GET, "/v2/base/tags/list"), Route::TagsList(Alias::Base));
     }
 
     #[test]
@@ -340,8 +350,12 @@ mod tests {
                 "/v2/base/blobs/sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
                 |e| matches!(e, MethodNotAllowed { .. }),
             ),
-            (Method::GET, "/v2/base/tags/list", |e| matches!(e, NotFound { .. })),
+            (Method::PUT, "/v2/base/tags/list", |e| matches!(e, MethodNotAllowed { .. })),
+            (Method::GET, "/v2/other/tags/list", |e| matches!(e, NameUnknown { .. })),
+            (Method::GET, "/v2/base/x/tags/list", |e| matches!(e, NameUnknown { .. })),
+            (Method::GET, "/v2/mirror/r.test/x/tags/list", |e| matches!(e, NotFound { .. })),
             (Method::GET, "/v2/_catalog", |e| matches!(e, NotFound { .. })),
+            (Method::GET, "/v2/_catalog/tags/list", |e| matches!(e, NameUnknown { .. })),
             (Method::GET, "/base/artifacts-uploads/x", |e| matches!(e, NotFound { .. })),
             (Method::GET, "/v2/base/blobs/sha256:zz", |e| matches!(e, DigestInvalid { .. })),
             (Method::GET, "/v2/base/manifests/-bad", |e| matches!(e, NameInvalid { .. })),

@@ -83,6 +83,20 @@ impl Proc {
         self.child.id()
     }
 
+    /// Sends SIGTERM and waits up to `timeout` for the process to exit; `None` if it did not.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let pid = rustix::process::Pid::from_raw(self.pid() as i32).expect("a child pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// Peak resident set size in KiB (VmHWM from /proc).
     pub fn peak_rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
@@ -123,6 +137,7 @@ pub struct Registry {
     /// `127.0.0.1:<port>`.
     pub host: String,
     proc: Proc,
+    data: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -155,16 +170,17 @@ impl Registry {
                 ts.cert_path().display()
             ),
         };
+        let data = dir.path().join("data");
         let config = format!(
             "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:0\n  secret: test-secret\n{auth_yaml}",
-            dir.path().join("data").display()
+            data.display()
         );
         let cfg = dir.path().join("config.yml");
         std::fs::write(&cfg, config).unwrap();
         let mut cmd = Command::new("docker-registry");
         cmd.arg("serve").arg(&cfg).env("REGISTRY_HTTP_RELATIVEURLS", relative_urls.to_string());
         let (proc, line) = Proc::spawn_until(cmd, "listening on", Duration::from_secs(20));
-        Registry { host: listen_addr(&line), proc, _dir: dir }
+        Registry { host: listen_addr(&line), proc, data, _dir: dir }
     }
 
     /// `<host>/<repo>`.
@@ -192,8 +208,14 @@ impl Registry {
             }
         }
         let mut out = Vec::new();
-        walk(&self._dir.path().join("data/docker/registry/v2/repositories"), &mut out);
+        walk(&self.data.join("docker/registry/v2/repositories"), &mut out);
         out
+    }
+
+    /// How many upload sessions are open in `repo` (see `open_uploads`).
+    pub fn open_uploads_in(&self, repo: &str) -> usize {
+        let repo_dir = self.data.join("docker/registry/v2/repositories").join(repo);
+        self.open_uploads().iter().filter(|p| p.starts_with(&repo_dir)).count()
     }
 }
 
@@ -208,7 +230,24 @@ pub struct ProxyProc {
 impl ProxyProc {
     /// Starts `bob proxy` with these environment variables (plus a free address and debug logs).
     pub fn start(env: &[(&str, &str)]) -> Self {
+        Self::start_with_fd_limit(env, None)
+    }
+
+    /// [`ProxyProc::start`] with at most `max_fds` open file descriptors in the proxy process
+    /// (as a small `ulimit -n`), so that exhausting them takes few connections.
+    pub fn start_with_fd_limit(env: &[(&str, &str)], max_fds: Option<u64>) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_bob"));
+        if let Some(n) = max_fds {
+            use std::os::unix::process::CommandExt;
+            let limit = rustix::process::Rlimit { current: Some(n), maximum: Some(n) };
+            // SAFETY: setrlimit is async-signal-safe and touches no memory of the parent.
+            unsafe {
+                cmd.pre_exec(move || {
+                    rustix::process::setrlimit(rustix::process::Resource::Nofile, limit)
+                        .map_err(std::io::Error::from)
+                });
+            }
+        }
         cmd.arg("proxy").env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
         cmd.env("BOB_PROXY_ADDR", "127.0.0.1:0").env("RUST_LOG", "debug");
         for (k, v) in env {
