@@ -1,17 +1,14 @@
 //! `bob copy SRC DST`: the command around `oci::copy` — credentials, progress on a TTY or as
 //! log lines, one summary line, and an exit code per failure class.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::cli::parse_duration;
 use crate::oci::client::{self, Client, Kind};
-use crate::oci::copy::{CopyOptions, CopyReport, Progress, copy};
-use crate::oci::transport::{self, Transport, TransportOptions};
-use crate::oci::{CredentialStore, Endpoints, Reference, credentials};
+use crate::oci::copy::copy_with_progress;
+use crate::oci::transport;
+use crate::oci::{CredentialStore, Reference, credentials};
 
 /// Why `bob copy` failed.
 #[derive(Debug, thiserror::Error)]
@@ -101,78 +98,24 @@ fn credentials(auth_file: Option<&PathBuf>) -> Result<CredentialStore, Error> {
     }
 }
 
-/// A registry client over `creds` with the given plain-HTTP exceptions and timeout.
-pub fn client(creds: CredentialStore, insecure: &[String], timeout: Duration) -> Result<Client, Error> {
-    observed_client(creds, insecure, timeout, None)
-}
-
-/// `client` with an observer of every registry answer (the controller's metrics).
-pub fn observed_client(
-    creds: CredentialStore,
-    insecure: &[String],
-    timeout: Duration,
-    observer: Option<crate::oci::transport::Observer>,
-) -> Result<Client, Error> {
-    let opts =
-        TransportOptions { read_timeout: timeout, request_timeout: timeout, observer, ..Default::default() };
-    let transport =
-        Transport::new(Arc::new(creds), Endpoints::new(insecure), opts).map_err(Error::Transport)?;
-    Ok(Client::new(transport))
-}
-
-/// Copies with a progress display; used by `bob copy` and by phase 2 of `bob build`.
-pub async fn copy_with_progress(
-    client: &Client,
-    src: &Reference,
-    dst: &Reference,
-    jobs: usize,
-) -> Result<CopyReport, Error> {
-    let progress = Arc::new(Progress::default());
-    let ticker = tokio::spawn(show_progress(progress.clone()));
-    let result = copy(client, src, dst, &CopyOptions { jobs }, &progress).await;
-    ticker.abort();
-    if std::io::stderr().is_terminal() {
-        eprint!("\r\x1b[2K");
-    }
-    result.map_err(|e| Error::Copy { src: src.whole(), dst: dst.whole(), source: Box::new(e) })
-}
-
 /// Runs `bob copy`: prints `<dst>@<digest>` on stdout when done.
 pub async fn run(args: CopyArgs) -> Result<(), Error> {
     let (src, dst) = (parse_ref(&args.src)?, parse_ref(&args.dst)?);
     let creds = credentials(args.auth_file.as_ref())?;
     tracing::debug!(credentials = %creds.describe(), "copy configured");
-    let client = client(creds, &args.insecure_registries, args.timeout)?;
+    let client =
+        Client::connect(creds, &args.insecure_registries, args.timeout, None).map_err(Error::Transport)?;
     let started = Instant::now();
-    let r = copy_with_progress(&client, &src, &dst, args.jobs.into()).await?;
+    let r = copy_with_progress(&client, &src, &dst, args.jobs.into()).await.map_err(|e| Error::Copy {
+        src: src.whole(),
+        dst: dst.whole(),
+        source: Box::new(e),
+    })?;
     tracing::info!(
         digest = %r.digest, manifests = r.manifests, blobs = r.blobs, skipped = r.skipped, mounted = r.mounted,
-        mib = format!("{:.1}", mib(r.bytes)), up_to_date = r.up_to_date,
+        mib = format!("{:.1}", r.bytes as f64 / (1024.0 * 1024.0)), up_to_date = r.up_to_date,
         ms = started.elapsed().as_millis() as u64, "copied {} to {}", src.whole(), dst.whole()
     );
     println!("{}@{}", dst.whole().split('@').next().unwrap_or_default(), r.digest);
     Ok(())
-}
-
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
-}
-
-/// Redraws one status line on a TTY; elsewhere logs a line every few seconds while bytes move.
-async fn show_progress(p: Arc<Progress>) {
-    let tty = std::io::stderr().is_terminal();
-    let every = if tty { Duration::from_millis(200) } else { Duration::from_secs(5) };
-    let mut last = u64::MAX;
-    loop {
-        tokio::time::sleep(every).await;
-        let (done, total) = (p.blobs_done.load(Ordering::Relaxed), p.blobs_total.load(Ordering::Relaxed));
-        let (sent, bytes) = (p.bytes_sent.load(Ordering::Relaxed), p.bytes_total.load(Ordering::Relaxed));
-        let line = format!("{done}/{total} blobs, {:.1}/{:.1} MiB", mib(sent), mib(bytes));
-        if tty {
-            eprint!("\r\x1b[2Kcopying: {line}");
-        } else if sent != last {
-            tracing::info!("copying: {line}");
-        }
-        last = sent;
-    }
 }

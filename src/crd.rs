@@ -241,6 +241,13 @@ pub struct BuildFailure {
     pub log_tail: Option<String>,
 }
 
+impl BuildFailure {
+    /// A failure with only a reason and a message.
+    pub fn new(reason: crate::reason::Reason, message: impl Into<String>) -> Self {
+        Self { reason, message: message.into(), container: None, log_tail: None }
+    }
+}
+
 /// What bob knows about the build.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]

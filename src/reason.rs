@@ -47,6 +47,20 @@ pub enum Reason {
     VerifyFailed,
     /// The registry Secret named by the ImageBuild does not exist (yet).
     SecretNotFound,
+    /// A Secret the ImageBuild names exists but cannot be used (not a docker config JSON, a
+    /// missing key): fix the Secret; the build waits for it until the queue time limit.
+    SecretInvalid,
+    /// A registry refused the credentials for a repository the build needs (401/403): fix the
+    /// Secret or the registry's permissions; the build waits until the queue time limit.
+    RegistryDenied,
+    /// The API server refused the build pod for good (Pod Security admission, an admission
+    /// webhook, an invalid pod): change the namespace's policy or the ImageBuild.
+    PodRejected,
+    /// A ResourceQuota has no room for the build pod yet: it waits until the queue time limit.
+    QuotaExceeded,
+    /// A call to the Kubernetes API failed (RBAC, an unavailable API server): retried with
+    /// backoff until the queue time limit.
+    ApiUnavailable,
     /// The build pod cannot be scheduled (not terminal: the cluster may scale up).
     Unschedulable,
     /// The bob image of the build pod cannot be pulled.
@@ -71,7 +85,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for documentation and exhaustive tests.
-    pub const ALL: [Reason; 28] = [
+    pub const ALL: [Reason; 33] = [
         Reason::Built,
         Reason::CacheHit,
         Reason::InvalidSpec,
@@ -90,6 +104,11 @@ impl Reason {
         Reason::NoProgress,
         Reason::VerifyFailed,
         Reason::SecretNotFound,
+        Reason::SecretInvalid,
+        Reason::RegistryDenied,
+        Reason::PodRejected,
+        Reason::QuotaExceeded,
+        Reason::ApiUnavailable,
         Reason::Unschedulable,
         Reason::BuilderImagePullFailed,
         Reason::PodEvicted,
@@ -123,6 +142,11 @@ impl Reason {
             Reason::NoProgress => "NoProgress",
             Reason::VerifyFailed => "VerifyFailed",
             Reason::SecretNotFound => "SecretNotFound",
+            Reason::SecretInvalid => "SecretInvalid",
+            Reason::RegistryDenied => "RegistryDenied",
+            Reason::PodRejected => "PodRejected",
+            Reason::QuotaExceeded => "QuotaExceeded",
+            Reason::ApiUnavailable => "ApiUnavailable",
             Reason::Unschedulable => "Unschedulable",
             Reason::BuilderImagePullFailed => "BuilderImagePullFailed",
             Reason::PodEvicted => "PodEvicted",
@@ -143,6 +167,9 @@ impl Reason {
             self,
             Reason::InvalidSpec
                 | Reason::SecretNotFound
+                | Reason::SecretInvalid
+                | Reason::RegistryDenied
+                | Reason::PodRejected
                 | Reason::SourceFetchFailed
                 | Reason::InvalidConfig
                 | Reason::DockerfileNotFound

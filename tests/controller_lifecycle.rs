@@ -49,6 +49,7 @@ fn cluster(pods: Vec<Value>, builds: Vec<Value>) -> (kube::Client, Arc<Mutex<Vec
             Method::GET if path.contains("/pods/") => {
                 pods.lock().unwrap().get(name).map_or_else(not_found, |p| (200, p.clone()))
             }
+            Method::GET if path.contains("/secrets/") => not_found(),
             Method::GET if path.contains("/imagebuilds/") => {
                 builds.get(name).map_or_else(not_found, |b| (200, b.clone()))
             }
@@ -378,7 +379,36 @@ fn one_slot(
         std::time::Duration::from_secs(1800),
         bob::controller::Policy::default(),
     );
-    ctx.max_concurrent_builds = Some(1);
+    ctx.settings.max_concurrent_builds = Some(1);
     ctx.store = Some(store);
     Arc::new(ctx)
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_new_image_build_is_reconciled_at_once_not_after_a_debounce() {
+    use futures::StreamExt;
+    use kube::runtime::controller::Controller;
+    use kube::runtime::{WatchStreamExt, reflector, watcher};
+    // A missing Secret: the reconcile talks only to the (fake) API, so the paused clock moves
+    // only when the controller itself waits.
+    let mut spec = spec();
+    spec["registryAuth"] = json!({"secretRef": {"name": "missing"}});
+    let ib = image_build("fresh", spec, None);
+    let (client, calls) = cluster(vec![], vec![]);
+    let (reader, writer) = reflector::store();
+    let events = [watcher::Event::Init, watcher::Event::InitApply(ib), watcher::Event::InitDone];
+    let stream = futures::stream::iter(events.into_iter().map(Ok)).chain(futures::stream::pending());
+    let started = tokio::time::Instant::now();
+    let results = Controller::for_stream(reflector(writer, stream).applied_objects(), reader)
+        .with_config(bob::controller::controller_config(16))
+        .run(reconcile, bob::controller::error_policy, context(client));
+    let first: Vec<_> = results.take(1).collect().await;
+    assert!(first[0].is_ok(), "{first:?}");
+    assert!(last_status(&calls.lock().unwrap(), "fresh").is_some());
+    let waited = started.elapsed();
+    assert_eq!(
+        waited,
+        std::time::Duration::ZERO,
+        "the first reconcile waited {waited:?} on the controller's clock"
+    );
 }

@@ -84,8 +84,8 @@ fn b64(s: &str) -> String {
 
 fn client(creds: &str) -> bob::oci::client::Client {
     init();
-    bob::copy::client(CredentialStore::inline(creds).unwrap(), &[], std::time::Duration::from_secs(30))
-        .unwrap()
+    let creds = CredentialStore::inline(creds).unwrap();
+    bob::oci::client::Client::connect(creds, &[], std::time::Duration::from_secs(30), None).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]

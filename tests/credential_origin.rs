@@ -189,7 +189,7 @@ fn bob_copy(src: &str, dst: &str, auth: &std::path::Path) -> std::process::Outpu
 
 fn client(creds: &str) -> bob::oci::client::Client {
     let store = CredentialStore::inline(creds).unwrap();
-    bob::copy::client(store, &[], Duration::from_secs(30)).unwrap()
+    bob::oci::client::Client::connect(store, &[], Duration::from_secs(30), None).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -240,3 +240,71 @@ fn invalid_specs_name_the_field() {
     let image = sample("image-source.yaml");
     assert_eq!(invalid(&image, &Resolved::default()).field, "spec.source.image.ref");
 }
+
+/// What the Pod Security `restricted` level (Kubernetes 1.33) refuses in a pod, one line each.
+fn restricted_violations(pod: &Pod) -> Vec<String> {
+    let spec = pod.spec.as_ref().unwrap();
+    let pod_sc = spec.security_context.clone().unwrap_or_default();
+    let mut out = Vec::new();
+    if spec.host_network == Some(true) || spec.host_pid == Some(true) || spec.host_ipc == Some(true) {
+        out.push("host namespaces".into());
+    }
+    for v in spec.volumes.iter().flatten() {
+        let allowed = v.config_map.is_some()
+            || v.csi.is_some()
+            || v.downward_api.is_some()
+            || v.empty_dir.is_some()
+            || v.ephemeral.is_some()
+            || v.persistent_volume_claim.is_some()
+            || v.projected.is_some()
+            || v.secret.is_some();
+        if !allowed {
+            out.push(format!("volume {} has a restricted type", v.name));
+        }
+    }
+    for c in containers(pod) {
+        let sc = c.security_context.clone().unwrap_or_default();
+        let n = &c.name;
+        if sc.privileged == Some(true) {
+            out.push(format!("{n}: privileged"));
+        }
+        if sc.allow_privilege_escalation != Some(false) {
+            out.push(format!("{n}: allowPrivilegeEscalation != false"));
+        }
+        if sc.run_as_non_root.or(pod_sc.run_as_non_root) != Some(true) {
+            out.push(format!("{n}: runAsNonRoot != true"));
+        }
+        if sc.run_as_user.or(pod_sc.run_as_user) == Some(0) {
+            out.push(format!("{n}: runAsUser=0"));
+        }
+        let seccomp = sc.seccomp_profile.or(pod_sc.seccomp_profile.clone()).map(|p| p.type_);
+        if !matches!(seccomp.as_deref(), Some("RuntimeDefault" | "Localhost")) {
+            out.push(format!("{n}: seccompProfile {seccomp:?}"));
+        }
+        if sc.app_armor_profile.is_some_and(|p| p.type_ == "Unconfined") {
+            out.push(format!("{n}: AppArmor Unconfined"));
+        }
+        let caps = sc.capabilities.unwrap_or_default();
+        if !caps.drop.unwrap_or_default().iter().any(|d| d == "ALL") {
+            out.push(format!("{n}: capabilities do not drop ALL"));
+        }
+        if let Some(bad) = caps.add.unwrap_or_default().iter().find(|a| *a != "NET_BIND_SERVICE") {
+            out.push(format!("{n}: adds capability {bad}"));
+        }
+        if c.ports.iter().flatten().any(|p| p.host_port.is_some()) {
+            out.push(format!("{n}: hostPort"));
+        }
+    }
+    out
+}
+
+#[test]
+fn an_image_source_pod_passes_the_restricted_pod_security_level() {
+    let (_, p) = planned("image-source.yaml");
+    assert_eq!(restricted_violations(&p.pod), Vec::<String>::new());
+    assert_eq!(p.pod.spec.as_ref().unwrap().host_users, None, "needs no user namespace either");
+    // The checker does catch what a Dockerfile build needs (it runs at the privileged level).
+    let (_, dockerfile) = planned("inline-dockerfile.yaml");
+    let violations = restricted_violations(&dockerfile.pod);
+    assert!(violations.iter().any(|v| v.contains("build: adds capability")), "{violations:?}");
+}

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::cli::parse_duration;
-use crate::oci::client::Kind;
+use crate::oci::client::{Client, Kind};
 use crate::oci::{CredentialStore, Reference};
 use crate::reason::Reason;
 pub use engine::Isolation;
@@ -148,7 +148,7 @@ async fn execute(args: &BuildArgs, result: &mut BuildResult) -> Result<(), Failu
     let target = parse_ref("BOB_TARGET_REF", &args.target())?;
     wait_for_proxy(&args.proxy_addr, args.proxy_wait).await?;
     // Anonymous and loopback: the proxy holds the credentials, plain HTTP by the loopback rule.
-    let client = crate::copy::client(CredentialStore::anonymous(), &[], Duration::from_secs(300))
+    let client = Client::connect(CredentialStore::anonymous(), &[], Duration::from_secs(300), None)
         .map_err(|e| Failure::new(Reason::Internal, crate::oci::error::chain(&e)))?;
     let base_digest = if args.build_base {
         base::build(args, &client, &base, result, resolve).await?
@@ -171,7 +171,7 @@ async fn execute(args: &BuildArgs, result: &mut BuildResult) -> Result<(), Failu
 
     let copy = Instant::now();
     let src = Reference::with_digest(base.registry().into(), base.repository().into(), base_digest);
-    let report = crate::copy::copy_with_progress(&client, &src, &target, args.jobs.max(1).into())
+    let report = crate::oci::copy::copy_with_progress(&client, &src, &target, args.jobs.max(1).into())
         .await
         .map_err(|e| Failure::new(Reason::CopyFailed, crate::oci::error::chain(&e)))?;
     result.timings.copy_ms = Some(copy.elapsed().as_millis() as u64);

@@ -2,8 +2,10 @@
 //! named steps (`reconcile.rs`) around a pure middle (`plan.rs`, `pod.rs`, `status.rs`).
 //! `bob run` uses the same planning code without a cluster.
 
+pub mod cluster;
+pub mod decide;
+pub mod engine;
 pub mod ha;
-pub mod lifecycle;
 pub mod metrics;
 pub mod plan;
 pub mod pod;
@@ -12,6 +14,7 @@ pub mod queue;
 pub mod reconcile;
 pub mod resolve;
 pub mod status;
+pub mod step;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,6 +28,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 
+pub use decide::Settings;
 use metrics::{Metrics, ReasonLabel, StatusLabel};
 pub use plan::{BuildSecurity, Invalid, Plan, PlanConfig, Resolved, from_images, plan};
 pub use policy::Policy;
@@ -38,15 +42,25 @@ use crate::oci::client::Client;
 /// The field manager of everything the controller writes.
 pub const FIELD_MANAGER: &str = "bob-controller";
 
+/// The label selector of the build pods bob manages (the pods it watches and counts).
+pub const LABEL_MANAGED_BUILD_PODS: &str =
+    "app.kubernetes.io/managed-by=bob,app.kubernetes.io/component=build";
+
 /// Why a reconcile (or the controller) failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The Kubernetes API refused or failed a call.
     #[error("kubernetes api call failed")]
     Kube(#[source] kube::Error),
-    /// A registry Secret is not a docker config, or the client cannot be built.
+    /// A registry Secret is not a docker config.
+    #[error("the docker config is not valid")]
+    Credentials(#[source] crate::oci::credentials::Error),
+    /// The registry client cannot be built.
     #[error("cannot build a registry client")]
-    Registry(#[source] crate::copy::Error),
+    Registry(#[source] crate::oci::transport::Error),
+    /// The decision asked for the same thing twice (a bug).
+    #[error("the reconcile did not come to a decision: it asked for {0} again")]
+    Stuck(String),
     /// No scratch directory for resolving a git source.
     #[error("cannot create a scratch directory")]
     Scratch(#[source] std::io::Error),
@@ -75,7 +89,9 @@ impl Error {
     pub fn label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "kube",
+            Error::Credentials(_) => "credentials",
             Error::Registry(_) => "registry",
+            Error::Stuck(_) => "stuck",
             Error::Scratch(_) => "scratch",
             Error::NoCrd(_) => "no_crd",
             Error::Admin { .. } => "admin",
@@ -139,18 +155,12 @@ pub struct ControllerArgs {
 pub struct Context {
     /// The Kubernetes client.
     pub client: kube::Client,
-    /// Installation settings of the plan.
-    pub plan: PlanConfig,
-    /// Default queue time limit.
-    pub queue_timeout: Duration,
-    /// Retries and cleanup.
-    pub policy: Policy,
+    /// What decisions use: the plan's settings, retries, queue limits.
+    pub settings: Settings,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Events on the ImageBuilds.
     pub recorder: Recorder,
-    /// Build pods that may run at once (`None`: no limit).
-    pub max_concurrent_builds: Option<usize>,
     /// The controller's cache of ImageBuilds (the queue's order); `None` outside a Controller.
     pub store: Option<Store<ImageBuild>>,
     registries: Mutex<HashMap<String, Arc<Client>>>,
@@ -159,16 +169,18 @@ pub struct Context {
 impl Context {
     /// A context for `client`.
     pub fn new(client: kube::Client, plan: PlanConfig, queue_timeout: Duration, policy: Policy) -> Self {
+        Self::with_settings(client, Settings { plan, policy, queue_timeout, max_concurrent_builds: None })
+    }
+
+    /// A context for `client` with these settings.
+    pub fn with_settings(client: kube::Client, settings: Settings) -> Self {
         let reporter =
             Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("HOSTNAME").ok() };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
-            plan,
-            queue_timeout,
-            policy,
+            settings,
             metrics: Arc::default(),
-            max_concurrent_builds: None,
             store: None,
             registries: Mutex::default(),
         }
@@ -181,16 +193,15 @@ impl Context {
         if let Some(c) = cache.get(key) {
             return Ok(c.clone());
         }
-        let creds = CredentialStore::inline(docker_config)
-            .map_err(|e| Error::Registry(crate::copy::Error::Credentials(e)))?;
+        let creds = CredentialStore::inline(docker_config).map_err(Error::Credentials)?;
         let metrics = self.metrics.clone();
         let observer: crate::oci::transport::Observer = Arc::new(move |status| {
             metrics.registry_requests.get_or_create(&StatusLabel::of(status)).inc();
         });
         let timeout = Duration::from_secs(30);
+        let insecure = &self.settings.plan.insecure_registries;
         let client =
-            crate::copy::observed_client(creds, &self.plan.insecure_registries, timeout, Some(observer));
-        let client = Arc::new(client.map_err(Error::Registry)?);
+            Arc::new(Client::connect(creds, insecure, timeout, Some(observer)).map_err(Error::Registry)?);
         // A Secret's new resourceVersion replaces its old entry.
         let prefix = key.split('@').next().unwrap_or_default().to_string();
         cache.retain(|k, _| k.split('@').next() != Some(prefix.as_str()) || prefix.is_empty());
@@ -199,10 +210,11 @@ impl Context {
     }
 }
 
-/// The Controller's settings: `workers` reconciles at once, events debounced briefly so a burst
-/// of pod updates costs one reconcile.
+/// The Controller's settings: `workers` reconciles at once. No debounce: a new ImageBuild is
+/// reconciled at once (a cache hit must not wait), and bursts of pod updates still coalesce —
+/// the runtime never runs two reconciles of one object at once and keeps at most one pending.
 pub fn controller_config(workers: u16) -> kube::runtime::controller::Config {
-    kube::runtime::controller::Config::default().concurrency(workers).debounce(Duration::from_millis(200))
+    kube::runtime::controller::Config::default().concurrency(workers)
 }
 
 /// Requeues after a failed reconcile; the error is logged with its bounded label.
@@ -234,10 +246,11 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         keep_finished_pods: args.keep_finished_pods,
     };
     let controller = Controller::new(builds, watcher::Config::default())
-        .owns(pods, watcher::Config::default().labels("app.kubernetes.io/managed-by=bob"))
+        .owns(pods, watcher::Config::default().labels(LABEL_MANAGED_BUILD_PODS))
         .with_config(controller_config(args.workers));
-    let mut ctx = Context::new(client, plan, args.queue_timeout, policy);
-    ctx.max_concurrent_builds = (args.max_concurrent_builds > 0).then_some(args.max_concurrent_builds);
+    let max_concurrent_builds = (args.max_concurrent_builds > 0).then_some(args.max_concurrent_builds);
+    let settings = Settings { plan, policy, queue_timeout: args.queue_timeout, max_concurrent_builds };
+    let mut ctx = Context::with_settings(client, settings);
     ctx.store = Some(controller.store());
     let ctx = Arc::new(ctx);
     let listener = tokio::net::TcpListener::bind(&args.admin_addr)

@@ -102,6 +102,8 @@ pub struct Plan {
     pub base_ref: String,
     /// The real workspace image ref; a cache hit is "it exists".
     pub workspace_ref: String,
+    /// The same, parsed.
+    pub workspace: Reference,
     /// `FROM` images pinned by digest (`name[:tag]@sha256:…`), for the proxy's mirror and the build.
     pub from_refs: Vec<String>,
     /// The desired build pod.
@@ -223,6 +225,7 @@ pub fn plan(ib: &ImageBuild, resolved: &Resolved, cfg: &PlanConfig) -> Result<Pl
         _ => return Err(Invalid::new("spec.source", "exactly one of image or dockerfile must be set")),
     };
     let workspace_ref = key::workspace_ref(&workspace_repo, &base_ref);
+    let workspace = parse_ref("spec.workspaceImageRepository", &workspace_ref)?;
     let from_refs = pinned_from_refs(inputs.as_ref());
     let pod = super::pod::build_pod(
         ib,
@@ -235,7 +238,7 @@ pub fn plan(ib: &ImageBuild, resolved: &Resolved, cfg: &PlanConfig) -> Result<Pl
             cfg,
         },
     )?;
-    Ok(Plan { inputs, key, base_ref, workspace_ref, from_refs, pod })
+    Ok(Plan { inputs, key, base_ref, workspace_ref, workspace, from_refs, pod })
 }
 
 /// A repository as written, checked and without tag or digest.

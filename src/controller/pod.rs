@@ -315,7 +315,9 @@ pub fn build_pod(ib: &ImageBuild, p: &PodInputs<'_>) -> Result<Pod, Invalid> {
         env: Some(build_env),
         volume_mounts: Some(build_mounts),
         resources: knobs.resources.clone(),
-        security_context: Some(builder(p.cfg.security)),
+        // An image source only copies, through the proxy: it needs no privilege at all, so its
+        // pod passes the `restricted` Pod Security level.
+        security_context: Some(if image_source { restricted() } else { builder(p.cfg.security) }),
         termination_message_path: Some("/dev/termination-log".into()),
         termination_message_policy: Some("File".into()),
         ..Default::default()
@@ -352,7 +354,7 @@ pub fn build_pod(ib: &ImageBuild, p: &PodInputs<'_>) -> Result<Pod, Invalid> {
             active_deadline_seconds: Some(deadline as i64),
             automount_service_account_token: Some(false),
             enable_service_links: Some(false),
-            host_users: (p.cfg.security == BuildSecurity::UserNamespace).then_some(false),
+            host_users: (!image_source && p.cfg.security == BuildSecurity::UserNamespace).then_some(false),
             service_account_name: knobs.service_account_name,
             node_selector: knobs.node_selector,
             tolerations: knobs.tolerations,

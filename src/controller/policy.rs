@@ -4,8 +4,6 @@
 
 use std::time::Duration;
 
-use k8s_openapi::jiff::Timestamp;
-
 use crate::crd::{ImageBuild, ImageBuildStatus};
 use crate::reason::Reason;
 
@@ -64,26 +62,22 @@ pub fn owner_done(status: Option<&ImageBuildStatus>, generation: Option<i64>, po
     terminal || s.pod_name.as_deref() != Some(pod)
 }
 
-/// The Failed status when the ImageBuild has waited longer than its queue time limit.
-pub fn queue_expired(
-    ib: &ImageBuild,
-    default_limit: Duration,
-    s: &ImageBuildStatus,
-    message: &str,
-) -> Option<ImageBuildStatus> {
-    let limit = ib
-        .spec
+/// The ImageBuild's queue time limit: `spec.timeouts.queue`, else the installation's default.
+/// (The spec's value was checked when the ImageBuild was planned; see `plan.rs`.)
+pub fn queue_limit(ib: &ImageBuild, default_limit: Duration) -> Duration {
+    ib.spec
         .timeouts
         .as_ref()
         .and_then(|t| t.queue.as_deref())
         .and_then(|q| crate::cli::parse_duration(q).ok())
-        .unwrap_or(default_limit);
-    let created = ib.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or_else(Timestamp::now);
-    let waited = Timestamp::now().duration_since(created).unsigned_abs();
-    (waited > limit).then(|| {
-        let message = format!("still waiting after {}s (spec.timeouts.queue): {message}", limit.as_secs());
-        super::status::failed_with(s.clone(), Reason::QueueTimeout, message)
-    })
+        .unwrap_or(default_limit)
+}
+
+/// How long a waiting ImageBuild (missing Secret, registry down, no quota) waits before the next
+/// look, after waiting `waited` so far: half of that, between 5 s and 1 minute — quick while a
+/// fix is likely on its way, and at most one look a minute for a wait that lasts.
+pub fn wait_backoff(waited: Duration) -> Duration {
+    (waited / 2).clamp(Duration::from_secs(5), Duration::from_secs(60))
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use super::decide::Failure;
 use super::pod::GIT_CREDENTIAL_HELPER;
 use super::{Resolved, from_images};
 use crate::crd::{GitSource, ImageBuild};
@@ -12,17 +13,10 @@ use crate::oci::client::Client;
 use crate::reason::Reason;
 
 /// A failure to resolve, with the status reason it maps to.
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct Error {
-    /// The status reason.
-    pub reason: Reason,
-    /// One line.
-    pub message: String,
-}
+pub type Error = Failure;
 
 fn fail(reason: Reason, message: impl Into<String>) -> Error {
-    Error { reason, message: message.into() }
+    Failure::new(reason, message)
 }
 
 /// Git credentials (from the source's Secret).
@@ -140,15 +134,23 @@ async fn digest_of(client: &Client, r: &Reference, what: &str) -> Result<String,
         Ok(Some(d)) => Ok(d),
         Ok(None) => Err(fail(Reason::BaseImagePullFailed, format!("{what} {} does not exist", r.whole()))),
         Err(e) => {
-            let reason = if e.kind() == crate::oci::client::Kind::Unreachable {
-                Reason::RegistryUnavailable
-            } else {
-                Reason::BaseImagePullFailed
+            let reason = match e.kind() {
+                crate::oci::client::Kind::Unreachable => Reason::RegistryUnavailable,
+                _ => Reason::BaseImagePullFailed,
             };
             Err(fail(
                 reason,
                 format!("cannot resolve {what} {}: {}", r.whole(), crate::oci::error::chain(&e)),
             ))
         }
+    }
+}
+
+/// The reason a registry failure maps to while a build waits to start or to be verified: an
+/// unreachable registry is waited for, refused credentials too (the Secret may be fixed).
+pub fn registry_reason(e: &crate::oci::client::Error) -> Reason {
+    match e.kind() {
+        crate::oci::client::Kind::Unauthorized => Reason::RegistryDenied,
+        _ => Reason::RegistryUnavailable,
     }
 }

@@ -174,13 +174,14 @@ pub fn ready(
     reason: &str,
     message: &str,
     generation: Option<i64>,
+    now: Timestamp,
 ) -> Condition {
     let status = if ok { "True" } else { "False" };
     let since = previous
         .iter()
         .find(|c| c.type_ == "Ready" && c.status == status)
         .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(|| Time(Timestamp::now()));
+        .unwrap_or(Time(now));
     Condition {
         type_: "Ready".into(),
         status: status.into(),
@@ -192,31 +193,44 @@ pub fn ready(
 }
 
 /// `s` as Succeeded with `reason`.
-pub fn succeeded(mut s: ImageBuildStatus, reason: Reason, message: &str) -> ImageBuildStatus {
+pub fn succeeded(mut s: ImageBuildStatus, reason: Reason, message: &str, now: Timestamp) -> ImageBuildStatus {
     s.phase = Some(Phase::Succeeded);
     s.reason = Some(reason);
     s.message = Some(message.into());
-    s.conditions = vec![ready(&s.conditions, true, reason.as_str(), message, s.observed_generation)];
+    s.conditions = vec![ready(&s.conditions, true, reason.as_str(), message, s.observed_generation, now)];
     s.failure = None;
-    s.completion_time = Some(Time(Timestamp::now()));
+    s.next_attempt_at = None;
+    s.completion_time = Some(Time(now));
     s
 }
 
 /// `s` as Failed with `failure`.
-pub fn failed(mut s: ImageBuildStatus, failure: BuildFailure) -> ImageBuildStatus {
+pub fn failed(mut s: ImageBuildStatus, failure: BuildFailure, now: Timestamp) -> ImageBuildStatus {
     s.phase = Some(Phase::Failed);
     s.reason = Some(failure.reason);
     s.message = Some(failure.message.clone());
-    s.conditions =
-        vec![ready(&s.conditions, false, failure.reason.as_str(), &failure.message, s.observed_generation)];
+    s.conditions = vec![ready(
+        &s.conditions,
+        false,
+        failure.reason.as_str(),
+        &failure.message,
+        s.observed_generation,
+        now,
+    )];
     s.failure = Some(failure);
-    s.completion_time = Some(Time(Timestamp::now()));
+    s.next_attempt_at = None;
+    s.completion_time = Some(Time(now));
     s
 }
 
 /// `s` as Failed for `reason` with only a message.
-pub fn failed_with(s: ImageBuildStatus, reason: Reason, message: impl Into<String>) -> ImageBuildStatus {
-    failed(s, BuildFailure { reason, message: message.into(), container: None, log_tail: None })
+pub fn failed_with(
+    s: ImageBuildStatus,
+    reason: Reason,
+    message: impl Into<String>,
+    now: Timestamp,
+) -> ImageBuildStatus {
+    failed(s, BuildFailure::new(reason, message), now)
 }
 
 /// `s` as not ready yet in `phase` (Pending, Building, Verifying), with an optional reason.
@@ -225,6 +239,7 @@ pub fn in_progress(
     phase: Phase,
     reason: Option<Reason>,
     message: &str,
+    now: Timestamp,
 ) -> ImageBuildStatus {
     s.phase = Some(phase);
     s.reason = reason;
@@ -235,22 +250,22 @@ pub fn in_progress(
         Phase::Queued => "Queued",
         _ => "Pending",
     });
-    s.conditions = vec![ready(&s.conditions, false, why, message, s.observed_generation)];
+    s.conditions = vec![ready(&s.conditions, false, why, message, s.observed_generation, now)];
     s
 }
 
 /// `s` as Cancelled, with what the build had printed.
-pub fn cancelled(mut s: ImageBuildStatus, log_tail: Option<String>) -> ImageBuildStatus {
+pub fn cancelled(mut s: ImageBuildStatus, log_tail: Option<String>, now: Timestamp) -> ImageBuildStatus {
     let message = "cancelled (spec.cancel)";
     s.phase = Some(Phase::Cancelled);
     s.reason = Some(Reason::Cancelled);
     s.message = Some(message.into());
     s.conditions =
-        vec![ready(&s.conditions, false, Reason::Cancelled.as_str(), message, s.observed_generation)];
+        vec![ready(&s.conditions, false, Reason::Cancelled.as_str(), message, s.observed_generation, now)];
     let container = s.pod_name.as_ref().map(|_| "build".to_string());
     s.failure =
         Some(BuildFailure { reason: Reason::Cancelled, message: message.into(), container, log_tail });
     s.next_attempt_at = None;
-    s.completion_time = Some(Time(Timestamp::now()));
+    s.completion_time = Some(Time(now));
     s
 }

@@ -52,7 +52,7 @@ pub enum Error {
     Credentials(#[source] crate::oci::credentials::Error),
     /// The registry client cannot be built.
     #[error("cannot build the registry client")]
-    Client(#[source] crate::copy::Error),
+    Client(#[source] crate::oci::transport::Error),
     /// Building a Dockerfile needs root (buildah).
     #[error("bob run builds Dockerfiles with buildah, which needs root: run it as root (sudo)")]
     NotRoot,
@@ -70,7 +70,8 @@ pub async fn run(args: RunArgs) -> Result<ImageBuildStatus, Error> {
     }
     let docker_config = registry_config(&input, args.auth_file.as_ref())?;
     let creds = CredentialStore::inline(&docker_config).map_err(Error::Credentials)?;
-    let client = crate::copy::client(creds, &args.insecure_registries, std::time::Duration::from_secs(120))
+    let timeout = std::time::Duration::from_secs(120);
+    let client = crate::oci::client::Client::connect(creds, &args.insecure_registries, timeout, None)
         .map_err(Error::Client)?;
     let temp = tempfile::Builder::new().prefix("bob-run-").tempdir().map_err(Error::Work)?;
     let work = args.work_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
@@ -195,7 +196,7 @@ fn git_auth(input: &Input) -> Option<GitAuth> {
 }
 
 fn succeeded(s: ImageBuildStatus, reason: Reason, message: &str) -> ImageBuildStatus {
-    status::succeeded(s, reason, message)
+    status::succeeded(s, reason, message, Timestamp::now())
 }
 
 fn failed(
@@ -204,5 +205,5 @@ fn failed(
     message: String,
     container: Option<String>,
 ) -> ImageBuildStatus {
-    status::failed(s, BuildFailure { reason, message, container, log_tail: None })
+    status::failed(s, BuildFailure { reason, message, container, log_tail: None }, Timestamp::now())
 }

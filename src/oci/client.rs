@@ -179,6 +179,25 @@ impl Client {
         Self { transport }
     }
 
+    /// A client with credentials from `creds`, plain HTTP for loopback and `insecure` hosts, and
+    /// `timeout` as the longest wait for an answer (retries included) and the longest silence
+    /// while a body streams; `observer` sees every answer's status (metrics).
+    pub fn connect(
+        creds: super::CredentialStore,
+        insecure: &[String],
+        timeout: std::time::Duration,
+        observer: Option<transport::Observer>,
+    ) -> Result<Self, transport::Error> {
+        let opts = transport::TransportOptions {
+            read_timeout: timeout,
+            request_timeout: timeout,
+            observer,
+            ..Default::default()
+        };
+        let creds = std::sync::Arc::new(creds);
+        Ok(Self::new(Transport::new(creds, super::Endpoints::new(insecure), opts)?))
+    }
+
     fn url(&self, host: &str, path: &str) -> Url {
         let mut url = self.transport.endpoints().base_url(host);
         url.set_path(&format!("/v2/{path}"));

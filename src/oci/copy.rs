@@ -3,8 +3,10 @@
 //! registry are mounted, and the rest are streamed through with their digest verified on the way.
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use futures::{StreamExt, stream};
 
@@ -187,4 +189,44 @@ async fn walk(
     }
     plan.manifests.push(m);
     Ok(())
+}
+
+/// Copies with a progress display (a redrawn line on a TTY, else a log line every few seconds
+/// while bytes move); used by `bob copy` and by phase 2 of `bob build`.
+pub async fn copy_with_progress(
+    client: &Client,
+    src: &Reference,
+    dst: &Reference,
+    jobs: usize,
+) -> Result<CopyReport, Error> {
+    let progress = Arc::new(Progress::default());
+    let ticker = tokio::spawn(show_progress(progress.clone()));
+    let result = copy(client, src, dst, &CopyOptions { jobs }, &progress).await;
+    ticker.abort();
+    if std::io::stderr().is_terminal() {
+        eprint!("\r\x1b[2K");
+    }
+    result
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+async fn show_progress(p: Arc<Progress>) {
+    let tty = std::io::stderr().is_terminal();
+    let every = if tty { Duration::from_millis(200) } else { Duration::from_secs(5) };
+    let mut last = u64::MAX;
+    loop {
+        tokio::time::sleep(every).await;
+        let (done, total) = (p.blobs_done.load(Ordering::Relaxed), p.blobs_total.load(Ordering::Relaxed));
+        let (sent, bytes) = (p.bytes_sent.load(Ordering::Relaxed), p.bytes_total.load(Ordering::Relaxed));
+        let line = format!("{done}/{total} blobs, {:.1}/{:.1} MiB", mib(sent), mib(bytes));
+        if tty {
+            eprint!("\r\x1b[2Kcopying: {line}");
+        } else if sent != last {
+            tracing::info!("copying: {line}");
+        }
+        last = sent;
+    }
 }

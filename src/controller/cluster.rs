@@ -1,0 +1,364 @@
+//! The controller's world: what `decide` asks to see, read from the Kubernetes API and the
+//! registry, and the transition it returns carried out — the status written once by server-side
+//! apply, then Events, the cleanup of a finished pod and the metrics. A failed API call becomes
+//! an observed fact (`ApiUnavailable`), so even then the ImageBuild gets a status.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use super::decide::{Count, Created, Effect, Failure, Need, Next, Observed, Slots, Transition};
+use super::engine::World;
+use super::metrics::{OutcomeLabels, ReasonLabel};
+use super::policy::owner_done;
+use super::resolve::{self, GitAuth};
+use super::{Context, Error, FIELD_MANAGER, LABEL_MANAGED_BUILD_PODS};
+use crate::crd::ImageBuild;
+use crate::oci::client::Client;
+use crate::oci::{Reference, Secret as Sensitive};
+use crate::reason::Reason;
+
+/// The cluster as one reconcile of one ImageBuild sees it.
+pub struct Cluster<'a> {
+    ctx: &'a Context,
+    ns: String,
+    registry: Option<Arc<Client>>,
+    git: Option<GitAuth>,
+}
+
+impl<'a> Cluster<'a> {
+    /// The cluster for a reconcile of an ImageBuild in `ns`.
+    pub fn new(ctx: &'a Context, ns: String) -> Self {
+        Self { ctx, ns, registry: None, git: None }
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        Api::namespaced(self.ctx.client.clone(), &self.ns)
+    }
+
+    /// The Secrets the spec names: the registry client from the docker config, git credentials.
+    async fn credentials(&mut self, ib: &ImageBuild) -> Result<Result<(), Failure>, Failure> {
+        let ns = &self.ns;
+        let secrets: Api<Secret> = self.api();
+        let value = |secret: &Secret, key: &str| {
+            secret.data.as_ref().and_then(|d| d.get(key)).map(|b| String::from_utf8_lossy(&b.0).into_owned())
+        };
+        let get = |name: String| {
+            let secrets = secrets.clone();
+            async move {
+                secrets.get_opt(&name).await.map_err(|e| api_failure(&format!("read Secret {name}"), &e))
+            }
+        };
+        let registry = match &ib.spec.registry_auth {
+            Some(auth) => {
+                let name = &auth.secret_ref.name;
+                let Some(secret) = get(name.clone()).await? else {
+                    let message = format!("Secret {ns}/{name} (spec.registryAuth) does not exist");
+                    return Ok(Err(Failure::new(Reason::SecretNotFound, message)));
+                };
+                let Some(json) = value(&secret, ".dockerconfigjson") else {
+                    let message = format!(
+                        "Secret {ns}/{name} has no .dockerconfigjson key (type kubernetes.io/dockerconfigjson)"
+                    );
+                    return Ok(Err(Failure::new(Reason::SecretInvalid, message)));
+                };
+                let key = format!("{ns}/{name}@{}", secret.resource_version().unwrap_or_default());
+                match self.ctx.registry(&key, &json) {
+                    Ok(client) => client,
+                    Err(e) => {
+                        let message = format!(
+                            "Secret {ns}/{name} key .dockerconfigjson is not a docker config: {}",
+                            crate::oci::error::chain(&e)
+                        );
+                        return Ok(Err(Failure::new(Reason::SecretInvalid, message)));
+                    }
+                }
+            }
+            None => self.ctx.registry("", "{}").map_err(|e| Failure::new(Reason::Internal, e.to_string()))?,
+        };
+        let git = ib.spec.source.dockerfile.as_ref().and_then(|d| d.git.as_ref());
+        if let Some(r) = git.and_then(|g| g.credentials_secret_ref.as_ref()) {
+            let Some(secret) = get(r.name.clone()).await? else {
+                let message = format!("Secret {ns}/{} (git credentialsSecretRef) does not exist", r.name);
+                return Ok(Err(Failure::new(Reason::SecretNotFound, message)));
+            };
+            let (Some(username), Some(password)) = (value(&secret, "username"), value(&secret, "password"))
+            else {
+                let message = format!("Secret {ns}/{} needs the keys username and password", r.name);
+                return Ok(Err(Failure::new(Reason::SecretInvalid, message)));
+            };
+            self.git = Some(GitAuth { username, password: Sensitive::new(password) });
+        }
+        self.registry = Some(registry);
+        Ok(Ok(()))
+    }
+
+    async fn lookup(
+        &mut self,
+        ib: &ImageBuild,
+        r: &Reference,
+        seen: &mut Observed,
+    ) -> Option<super::decide::Lookup> {
+        if self.registry.is_none() {
+            match self.credentials(ib).await {
+                Ok(Ok(())) => {}
+                Ok(Err(f)) => return Some(Err(f)),
+                Err(f) => {
+                    seen.api_error = Some(f);
+                    return None;
+                }
+            }
+        }
+        let client = self.registry.clone()?;
+        Some(
+            client
+                .manifest_digest(r)
+                .await
+                .map_err(|e| Failure::new(resolve::registry_reason(&e), crate::oci::error::chain(&e))),
+        )
+    }
+
+    /// Whether a build slot is free for a new pod (joining a running pod needs none).
+    async fn slots(&self, ib: &ImageBuild, pod_name: &str) -> Result<Slots, kube::Error> {
+        let max = self.ctx.settings.max_concurrent_builds.unwrap_or(usize::MAX);
+        let free = Slots { position: None, running: 0, max };
+        let Some(store) = &self.ctx.store else { return Ok(free) };
+        if self.api::<Pod>().get_opt(pod_name).await?.is_some() {
+            return Ok(free);
+        }
+        let all: Api<Pod> = Api::all(self.ctx.client.clone());
+        let pods = all.list(&ListParams::default().labels(LABEL_MANAGED_BUILD_PODS)).await?;
+        let running = pods
+            .items
+            .iter()
+            .filter(|p| {
+                !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+            })
+            .count();
+        let everyone = store.state();
+        let waiting = everyone.iter().filter(|o| super::queue::is_waiting(o)).count();
+        self.ctx.metrics.queue_depth.set(waiting as i64);
+        let position = super::queue::position(ib, everyone.iter().map(|a| a.as_ref()), running, max);
+        Ok(Slots { position, running, max })
+    }
+
+    /// Creates the pod, or joins it as an owner when another ImageBuild of the same key made it.
+    ///
+    /// A create, not a server-side apply: two ImageBuilds of one key reconciled at the same
+    /// moment would both apply under the one field manager, and the second apply would replace
+    /// the first's owner reference. A create is atomic: exactly one wins, the other gets 409 and
+    /// joins.
+    async fn create(&self, ib: &ImageBuild, pod: &Pod) -> Result<Created, kube::Error> {
+        let api: Api<Pod> = self.api();
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let existing = match api.get_opt(&name).await? {
+            Some(p) => p,
+            None => {
+                let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+                match api.create(&params, pod).await {
+                    Ok(_) => {
+                        tracing::info!(pod = %name, imagebuild = %ib.name_any(), "created build pod");
+                        return Ok(Created::Created);
+                    }
+                    Err(kube::Error::Api(e)) if e.code == 409 => api.get(&name).await?,
+                    Err(kube::Error::Api(e)) => {
+                        tracing::info!(pod = %name, code = e.code, message = %e.message, "the API server refused the build pod");
+                        return Ok(Created::Refused { code: e.code, message: e.message });
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        let uid = ib.uid().unwrap_or_default();
+        if existing.owner_references().iter().any(|o| o.uid == uid) {
+            return Ok(Created::Found);
+        }
+        // A non-controller owner: the pod lives while any ImageBuild that needs it lives.
+        let Some(owner) = ib.owner_ref(&()) else { return Ok(Created::Found) };
+        let patch = json!({"metadata": {"ownerReferences": [owner]}});
+        let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+        api.patch(&name, &params, &Patch::Strategic(&patch)).await?;
+        tracing::info!(pod = %name, imagebuild = %ib.name_any(), "joined build pod");
+        Ok(Created::Joined)
+    }
+
+    /// The build container's last lines; a container that never started has none (not an error).
+    async fn log_tail(&self, pod: &str) -> Option<String> {
+        let params =
+            LogParams { container: Some("build".into()), tail_lines: Some(40), ..Default::default() };
+        match self.api::<Pod>().logs(pod, &params).await {
+            Ok(t) if !t.is_empty() => Some(t),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!(pod, error = %e, "no log of the build container");
+                None
+            }
+        }
+    }
+}
+
+impl World for Cluster<'_> {
+    async fn observe(&mut self, ib: &ImageBuild, need: Need, seen: &mut Observed) {
+        match need {
+            Need::Credentials => match self.credentials(ib).await {
+                Ok(found) => seen.credentials = Some(found),
+                Err(f) => seen.api_error = Some(f),
+            },
+            Need::Resolve => {
+                let (Some(client), Ok(scratch)) =
+                    (self.registry.clone(), tempfile::Builder::new().prefix("bob-resolve-").tempdir())
+                else {
+                    seen.resolved =
+                        Some(Err(Failure::new(Reason::Internal, "no registry client or scratch directory")));
+                    return;
+                };
+                seen.resolved = Some(resolve::resolve(ib, &client, self.git.as_ref(), scratch.path()).await);
+            }
+            Need::Cache(r) => {
+                if let Some(found) = self.lookup(ib, &r, seen).await {
+                    seen.cache = Some(found);
+                }
+            }
+            Need::Slots(pod) => match self.slots(ib, &pod).await {
+                Ok(s) => seen.slots = Some(s),
+                Err(e) => seen.api_error = Some(api_failure("count the running build pods", &e)),
+            },
+            Need::Create(pod) => match self.create(ib, &pod).await {
+                Ok(c) => seen.created = Some(c),
+                Err(e) => seen.api_error = Some(api_failure("create the build pod", &e)),
+            },
+            Need::Pod(name) => match self.api::<Pod>().get_opt(&name).await {
+                Ok(p) => seen.pod = Some(p),
+                Err(e) => seen.api_error = Some(api_failure(&format!("read build pod {name}"), &e)),
+            },
+            Need::Verify(r) => {
+                if let Some(found) = self.lookup(ib, &r, seen).await {
+                    seen.verified = Some(found);
+                }
+            }
+            Need::LogTail(pod) => seen.log_tail = Some(self.log_tail(&pod).await),
+        }
+    }
+}
+
+/// A failed API call as a status reason.
+fn api_failure(what: &str, e: &kube::Error) -> Failure {
+    Failure::new(Reason::ApiUnavailable, format!("cannot {what}: {e}"))
+}
+
+/// Carries out a transition: the status first (one server-side apply), then the effects, which
+/// are best effort and never fail the reconcile.
+pub async fn act(ib: &ImageBuild, ctx: &Context, t: Transition) -> Result<Action, Error> {
+    if let Some(s) = &t.status {
+        patch_status(ib, ctx, s).await?;
+        if let (Some(phase), Some(reason)) = (s.phase, s.reason) {
+            tracing::info!(imagebuild = %ib.name_any(), ?phase, %reason, "{}", s.message.as_deref().unwrap_or(""));
+        }
+    }
+    for effect in t.effects {
+        match effect {
+            Effect::Event { warning, reason, note } => event(ctx, ib, warning, &reason, &note).await,
+            Effect::Cleanup(pod) => cleanup(ib, ctx, &pod).await,
+            Effect::Count(c) => count(ctx, c),
+        }
+    }
+    Ok(match t.next {
+        Next::Change => Action::await_change(),
+        Next::After(d) => Action::requeue(d),
+    })
+}
+
+fn count(ctx: &Context, c: Count) {
+    let m = &ctx.metrics;
+    match c {
+        Count::Finished { phase, reason, seconds } => {
+            let labels = OutcomeLabels { outcome: format!("{phase:?}"), reason: reason.to_string() };
+            m.builds.get_or_create(&labels).inc();
+            if let Some(s) = seconds {
+                m.build_duration.observe(s);
+            }
+        }
+        Count::PodStarted { created, waited } => {
+            if created {
+                m.pods_created.inc()
+            } else {
+                m.pods_joined.inc()
+            };
+            m.queue_wait.observe(waited);
+        }
+        Count::Retry(reason) => {
+            m.retries.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
+        }
+    }
+}
+
+/// Writes the whole status with server-side apply (fields left out are removed).
+pub async fn patch_status(
+    ib: &ImageBuild,
+    ctx: &Context,
+    s: &crate::crd::ImageBuildStatus,
+) -> Result<(), Error> {
+    let ns = ib.namespace().unwrap_or_else(|| "default".into());
+    let api: Api<ImageBuild> = Api::namespaced(ctx.client.clone(), &ns);
+    let body =
+        json!({"apiVersion": ImageBuild::api_version(&()), "kind": ImageBuild::kind(&()), "status": s});
+    api.patch_status(&ib.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
+        .await
+        .map_err(Error::Kube)?;
+    Ok(())
+}
+
+/// Publishes an Event on the ImageBuild (logged, never fatal).
+async fn event(ctx: &Context, ib: &ImageBuild, warning: bool, reason: &str, note: &str) {
+    let ev = Event {
+        type_: if warning { EventType::Warning } else { EventType::Normal },
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &ib.object_ref(&())).await {
+        tracing::debug!(error = %e, "cannot publish an event");
+    }
+}
+
+/// Deletes a finished pod once every owner has its evidence or follows another pod; keeps it
+/// while any owner still follows it (a shared build others wait for).
+async fn cleanup(ib: &ImageBuild, ctx: &Context, pod: &str) {
+    if ctx.settings.policy.keep_finished_pods {
+        return;
+    }
+    let ns = ib.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let builds: Api<ImageBuild> = Api::namespaced(ctx.client.clone(), &ns);
+    let Ok(Some(found)) = pods.get_opt(pod).await else { return };
+    let me = ib.uid().unwrap_or_default();
+    for owner in found.owner_references().iter().filter(|o| o.kind == "ImageBuild" && o.uid != me) {
+        match builds.get_opt(&owner.name).await {
+            Ok(Some(other)) if other.uid().as_deref() == Some(owner.uid.as_str()) => {
+                if !owner_done(other.status.as_ref(), other.metadata.generation, pod) {
+                    tracing::debug!(pod, owner = %owner.name, "build pod still needed by another ImageBuild");
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(pod, error = %e, "cannot check an owner; keeping the pod");
+                return;
+            }
+        }
+    }
+    let grace = DeleteParams { grace_period_seconds: Some(10), ..Default::default() };
+    match pods.delete(pod, &grace).await {
+        Ok(_) => tracing::info!(pod, "deleted the finished build pod"),
+        Err(e) => tracing::debug!(pod, error = %e, "cannot delete the build pod"),
+    }
+}

@@ -1,0 +1,374 @@
+//! The one decision of a reconcile, pure: from the ImageBuild and what has been observed so far
+//! (Secrets, resolved inputs, registry answers, the queue, the pod, the clock) either the next
+//! thing to look at, or the transition — the new status and the effects. The controller and
+//! `bob run` drive it the same way (`engine.rs`): observe what it asks for, ask again, then act.
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+use super::plan::plan;
+use super::policy::{AfterFailure, queue_limit, wait_backoff};
+use super::status::{self, PodState, observe};
+pub use super::step::*;
+use crate::build::BuildResult;
+use crate::crd::{BuildFailure, ImageBuild, ImageBuildStatus, ImageRef, Phase};
+use crate::oci::Reference;
+use crate::reason::Reason;
+
+/// Decides what to look at next, or what to do.
+pub fn decide(ib: &ImageBuild, seen: &Observed, cfg: &Settings) -> Step {
+    let old = ib.status.clone().unwrap_or_default();
+    let generation = ib.metadata.generation;
+    let current = old.observed_generation == generation;
+    if current && old.phase.is_some_and(Phase::is_terminal) {
+        // Terminal phases never change for the same generation.
+        return Step::Act(Transition { status: None, effects: Vec::new(), next: Next::Change });
+    }
+    if let Some(f) = &seen.api_error {
+        let mut s = old.clone();
+        s.observed_generation = generation;
+        return Step::Act(wait(ib, &old, s, f.clone(), seen.now, cfg));
+    }
+    if ib.spec.cancel {
+        let tail = match (&old.pod_name, &seen.log_tail) {
+            (Some(pod), None) => return Step::Observe(Need::LogTail(pod.clone())),
+            (_, tail) => tail.clone().flatten(),
+        };
+        let mut s = old;
+        s.observed_generation = generation;
+        return Step::Act(finish(status::cancelled(s, tail, seen.now)));
+    }
+    if current && old.pod_name.is_some() && matches!(old.phase, Some(Phase::Building | Phase::Verifying)) {
+        return follow(old, seen, cfg);
+    }
+    let attempt = if current { old.attempts.unwrap_or(0).max(0) as u32 + 1 } else { 1 };
+    if current && let Some(at) = &old.next_attempt_at {
+        let left = at.0.duration_since(seen.now);
+        if left.is_positive() {
+            // A retry waits out its backoff first.
+            return Step::Act(Transition {
+                status: None,
+                effects: Vec::new(),
+                next: Next::After(left.unsigned_abs()),
+            });
+        }
+    }
+    start(ib, old, attempt, seen, cfg)
+}
+
+/// Attempt `attempt` of the generation: credentials, resolve, plan, cache, slot, pod.
+fn start(ib: &ImageBuild, old: ImageBuildStatus, attempt: u32, seen: &Observed, cfg: &Settings) -> Step {
+    let now = seen.now;
+    let same_generation = old.observed_generation == ib.metadata.generation;
+    let mut s = ImageBuildStatus {
+        observed_generation: ib.metadata.generation,
+        // The clock of a generation starts once, at its first look.
+        start_time: Some(old.start_time.clone().filter(|_| same_generation).unwrap_or(Time(now))),
+        conditions: old.conditions.clone(),
+        attempts: (attempt > 1).then_some(attempt as i32 - 1),
+        failure: old.failure.clone().filter(|_| attempt > 1),
+        ..Default::default()
+    };
+    match &seen.credentials {
+        None => return Step::Observe(Need::Credentials),
+        Some(Err(f)) => return Step::Act(wait(ib, &old, s, f.clone(), now, cfg)),
+        Some(Ok(())) => {}
+    }
+    let resolved = match &seen.resolved {
+        None => return Step::Observe(Need::Resolve),
+        Some(Err(f)) if waits(f.reason) => return Step::Act(wait(ib, &old, s, f.clone(), now, cfg)),
+        Some(Err(f)) => return Step::Act(finish(status::failed_with(s, f.reason, &f.message, now))),
+        Some(Ok(r)) => r,
+    };
+    let planned = match plan(ib, resolved, &cfg.plan) {
+        Ok(p) => p,
+        Err(e) => return Step::Act(finish(status::failed_with(s, e.reason(), e.to_string(), now))),
+    };
+    s.cache_key = planned.key.clone();
+    s.base_image = Some(ImageRef::new(&planned.base_ref, resolved.image_digest.clone()));
+    s.output = Some(ImageRef::new(&planned.workspace_ref, None));
+    if !ib.spec.force_rebuild {
+        match &seen.cache {
+            None => return Step::Observe(Need::Cache(planned.workspace.clone())),
+            Some(Ok(Some(digest))) => {
+                s.cache_hit = Some(true);
+                s.output = Some(ImageRef::new(&planned.workspace_ref, Some(digest.clone())));
+                let message = "the workspace image exists; nothing was built";
+                return Step::Act(finish(status::succeeded(s, Reason::CacheHit, message, now)));
+            }
+            Some(Ok(None)) => {}
+            Some(Err(f)) => {
+                let f =
+                    Failure::new(f.reason, format!("cannot check {}: {}", planned.workspace_ref, f.message));
+                return Step::Act(wait(ib, &old, s, f, now, cfg));
+            }
+        }
+    }
+    s.cache_hit = Some(false);
+    let secret = ib.spec.registry_auth.as_ref().map(|a| a.secret_ref.name.as_str());
+    let pod_name = super::pod::pod_name(secret, &planned.workspace_ref, attempt);
+    if cfg.max_concurrent_builds.is_some() {
+        match &seen.slots {
+            None => return Step::Observe(Need::Slots(pod_name)),
+            Some(Slots { position: Some(place), running, max }) => {
+                let message = format!("queued at position {place}: {running} of {max} builds running");
+                return Step::Act(queued(ib, &old, s, &message, now, cfg));
+            }
+            Some(_) => {}
+        }
+    }
+    let created = match &seen.created {
+        None => {
+            let mut pod = planned.pod;
+            pod.metadata.name = Some(pod_name);
+            return Step::Observe(Need::Create(Box::new(pod)));
+        }
+        Some(c) => c,
+    };
+    let message = match created {
+        Created::Created => format!("build pod {pod_name} started"),
+        Created::Joined => {
+            format!("joined build pod {pod_name}, started by another ImageBuild with the same key")
+        }
+        Created::Found => format!("build pod {pod_name} found (started before a restart)"),
+        Created::Refused { code, message } => {
+            let f = refusal(*code, &pod_name, message);
+            if waits(f.reason) {
+                return Step::Act(wait(ib, &old, s, f, now, cfg));
+            }
+            return Step::Act(finish(status::failed_with(s, f.reason, f.message, now)));
+        }
+    };
+    s.pod_name = Some(pod_name);
+    s.attempts = Some(attempt as i32);
+    let mut effects =
+        vec![Effect::Event { warning: false, reason: "Building".into(), note: message.clone() }];
+    if *created != Created::Found {
+        let waited = s.start_time.as_ref().map_or(0.0, |t| now.duration_since(t.0).as_secs_f64().max(0.0));
+        effects.push(Effect::Count(Count::PodStarted { created: *created == Created::Created, waited }));
+    }
+    let status = status::in_progress(s, Phase::Building, None, &message, now);
+    Step::Act(Transition { status: Some(status), effects, next: Next::After(POLL) })
+}
+
+/// A build runs: read its pod; a reported success is verified in the registry.
+fn follow(old: ImageBuildStatus, seen: &Observed, cfg: &Settings) -> Step {
+    let now = seen.now;
+    let pod_name = old.pod_name.clone().unwrap_or_default();
+    let pod = match &seen.pod {
+        None => return Step::Observe(Need::Pod(pod_name)),
+        Some(None) => {
+            let message = format!("build pod {pod_name} disappeared before the build finished");
+            return after_failure(old, BuildFailure::new(Reason::PodDeleted, message), now, cfg);
+        }
+        Some(Some(pod)) => pod,
+    };
+    let progress = |reason: Option<Reason>, message: String, phase: Phase| {
+        let status = status::in_progress(old.clone(), phase, reason, &message, now);
+        let changed = old.reason != reason
+            || old.message.as_deref() != Some(message.as_str())
+            || old.phase != Some(phase);
+        Step::Act(Transition {
+            status: changed.then_some(status),
+            effects: Vec::new(),
+            next: Next::After(POLL),
+        })
+    };
+    match observe(pod) {
+        PodState::Waiting(report) => {
+            let (reason, message) =
+                report.map_or((None, format!("build pod {pod_name} is starting")), |(r, m)| (Some(r), m));
+            progress(reason, message, Phase::Building)
+        }
+        PodState::Running => progress(None, format!("build pod {pod_name} is running"), Phase::Building),
+        PodState::Failed(f) => after_failure(old, f, now, cfg),
+        PodState::Finished(result) => verify(old, &result, seen),
+    }
+}
+
+/// A build reported success: the workspace image must be in the registry with its digest.
+fn verify(mut s: ImageBuildStatus, result: &BuildResult, seen: &Observed) -> Step {
+    let now = seen.now;
+    let output = s.output.clone().unwrap_or_default();
+    let Ok(workspace) = output.reference.parse::<Reference>() else {
+        let message = format!("status.output.ref {:?} is not an image reference", output.reference);
+        return Step::Act(finish(status::failed_with(s, Reason::Internal, message, now)));
+    };
+    let found = match &seen.verified {
+        None => return Step::Observe(Need::Verify(workspace)),
+        Some(found) => found,
+    };
+    if let Some(base) = s.base_image.as_mut() {
+        *base = ImageRef::new(base.reference.clone(), result.base_digest.clone());
+    }
+    match found {
+        Ok(Some(d)) if Some(d) == result.target_digest.as_ref() => {
+            s.output = Some(ImageRef::new(output.reference, Some(d.clone())));
+            Step::Act(finish(status::succeeded(s, Reason::Built, "built and verified in the registry", now)))
+        }
+        Ok(other) => {
+            let found = other.as_ref().map_or("nothing".to_string(), |d| format!("digest {d}"));
+            let want = result.target_digest.clone().unwrap_or_default();
+            let message = format!(
+                "image build did not produce a workspace image: the build reported {want}, the registry has {found} at {}",
+                output.reference
+            );
+            Step::Act(finish(status::failed_with(s, Reason::VerifyFailed, message, now)))
+        }
+        Err(f) => {
+            let message = format!("cannot verify {}: {}", output.reference, f.message);
+            let changed = s.message.as_deref() != Some(message.as_str()) || s.phase != Some(Phase::Verifying);
+            let status = status::in_progress(s, Phase::Verifying, Some(f.reason), &message, now);
+            Step::Act(Transition {
+                status: changed.then_some(status),
+                effects: Vec::new(),
+                next: Next::After(VERIFY_RETRY),
+            })
+        }
+    }
+}
+
+/// An attempt failed: a new attempt after a backoff for infrastructure failures, else final.
+fn after_failure(mut s: ImageBuildStatus, f: BuildFailure, now: Timestamp, cfg: &Settings) -> Step {
+    let attempts = s.attempts.unwrap_or(1).max(1) as u32;
+    match cfg.policy.after_failure(f.reason, attempts) {
+        AfterFailure::Fail => Step::Act(finish(status::failed(s, f, now))),
+        AfterFailure::Retry { attempt, after } => {
+            let message = format!(
+                "attempt {attempts} failed ({}: {}); attempt {attempt} of {} in {}s",
+                f.reason,
+                f.message,
+                cfg.policy.max_attempts,
+                after.as_secs()
+            );
+            let old_pod = s.pod_name.take();
+            let at = now + SignedDuration::try_from(after).unwrap_or(SignedDuration::ZERO);
+            s.next_attempt_at = Some(Time(at));
+            let reason = f.reason;
+            s.failure = Some(f);
+            let mut effects = vec![
+                Effect::Count(Count::Retry(reason)),
+                Effect::Event { warning: true, reason: "Retrying".into(), note: message.clone() },
+            ];
+            effects.extend(old_pod.map(Effect::Cleanup));
+            let status = status::in_progress(s, Phase::Pending, Some(reason), &message, now);
+            Step::Act(Transition { status: Some(status), effects, next: Next::After(after) })
+        }
+    }
+}
+
+/// A terminal status, counted and announced, its pod cleaned up.
+fn finish(s: ImageBuildStatus) -> Transition {
+    let phase = s.phase.unwrap_or_default();
+    let reason = s.reason.unwrap_or(Reason::Internal);
+    let message = s.message.clone().unwrap_or_default();
+    let seconds = match (&s.start_time, &s.completion_time) {
+        (Some(a), Some(b)) => Some(b.0.duration_since(a.0).as_secs_f64().max(0.0)),
+        _ => None,
+    };
+    let mut effects = vec![
+        Effect::Count(Count::Finished { phase, reason, seconds }),
+        Effect::Event { warning: phase != Phase::Succeeded, reason: reason.to_string(), note: message },
+    ];
+    effects.extend(s.pod_name.clone().map(Effect::Cleanup));
+    Transition { status: Some(s), effects, next: Next::Change }
+}
+
+/// Whether a failure of this reason waits (for the infrastructure, or for a Secret to be fixed)
+/// rather than ending the generation.
+fn waits(reason: Reason) -> bool {
+    matches!(
+        reason,
+        Reason::RegistryUnavailable
+            | Reason::RegistryDenied
+            | Reason::SecretNotFound
+            | Reason::SecretInvalid
+            | Reason::QuotaExceeded
+            | Reason::ApiUnavailable
+    )
+}
+
+/// Not startable yet: `Pending` with the reason, looked at again with a growing backoff, until
+/// the queue time limit ends it.
+fn wait(
+    ib: &ImageBuild,
+    old: &ImageBuildStatus,
+    s: ImageBuildStatus,
+    f: Failure,
+    now: Timestamp,
+    cfg: &Settings,
+) -> Transition {
+    let limit = queue_limit(ib, cfg.queue_timeout);
+    let waited = waited(ib, now);
+    if waited > limit {
+        let message = format!("still waiting after {} (spec.timeouts.queue): {}", human(limit), f.message);
+        return finish(status::failed_with(s, Reason::QueueTimeout, message, now));
+    }
+    let changed = old.phase != Some(Phase::Pending)
+        || old.reason != Some(f.reason)
+        || old.message.as_deref() != Some(f.message.as_str())
+        || old.observed_generation != s.observed_generation;
+    let status = status::in_progress(s, Phase::Pending, Some(f.reason), &f.message, now);
+    let effects = if changed {
+        vec![Effect::Event { warning: true, reason: f.reason.to_string(), note: f.message }]
+    } else {
+        Vec::new()
+    };
+    let next = wait_backoff(waited).min(limit.saturating_sub(waited) + Duration::from_secs(1));
+    Transition { status: changed.then_some(status), effects, next: Next::After(next) }
+}
+
+/// Waiting for a build slot, until the queue time limit.
+fn queued(
+    ib: &ImageBuild,
+    old: &ImageBuildStatus,
+    s: ImageBuildStatus,
+    message: &str,
+    now: Timestamp,
+    cfg: &Settings,
+) -> Transition {
+    let limit = queue_limit(ib, cfg.queue_timeout);
+    let waited = waited(ib, now);
+    if waited > limit {
+        let message = format!("still waiting after {} (spec.timeouts.queue): {message}", human(limit));
+        return finish(status::failed_with(s, Reason::QueueTimeout, message, now));
+    }
+    let changed = old.phase != Some(Phase::Queued) || old.message.as_deref() != Some(message);
+    let status = status::in_progress(s, Phase::Queued, None, message, now);
+    Transition {
+        status: changed.then_some(status),
+        effects: Vec::new(),
+        next: Next::After(Duration::from_secs(10)),
+    }
+}
+
+/// How long the ImageBuild has existed (the queue clock).
+fn waited(ib: &ImageBuild, now: Timestamp) -> Duration {
+    let created = ib.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now);
+    now.duration_since(created).unsigned_abs()
+}
+
+fn human(d: Duration) -> String {
+    format!("{}s", d.as_secs())
+}
+
+/// What a refused pod create means: the admission that refused it decides whether waiting helps.
+pub fn refusal(code: u16, pod: &str, message: &str) -> Failure {
+    let text = message.to_ascii_lowercase();
+    if text.contains("exceeded quota") || text.contains("forbidden: failed quota") {
+        return Failure::new(Reason::QuotaExceeded, format!("build pod {pod} waits for quota: {message}"));
+    }
+    let permanent = code == 422
+        || code == 400
+        || text.contains("violates podsecurity")
+        || text.contains("denied the request");
+    if permanent {
+        return Failure::new(
+            Reason::PodRejected,
+            format!("the API server refused build pod {pod}: {message}"),
+        );
+    }
+    Failure::new(Reason::ApiUnavailable, format!("cannot create build pod {pod} ({code}): {message}"))
+}
