@@ -230,6 +230,7 @@ impl ImageRef {
 #[serde(rename_all = "camelCase")]
 pub struct BuildFailure {
     /// The reason.
+    #[serde(deserialize_with = "reason_or_internal")]
     pub reason: crate::reason::Reason,
     /// One line: what failed and what to fix.
     pub message: String,
@@ -248,15 +249,32 @@ impl BuildFailure {
     }
 }
 
+/// Reads a phase or reason written by this or a newer bob: a value this version does not know
+/// reads as `None` instead of failing the whole object — and with it the controller's watch of
+/// every ImageBuild — during an upgrade or a rollback.
+fn known<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let v = Option::<serde_json::Value>::deserialize(d)?;
+    Ok(v.and_then(|v| serde_json::from_value(v).ok()))
+}
+
+/// A failure's reason from a newer bob that this version does not know reads as `Internal`.
+fn reason_or_internal<'de, D: serde::Deserializer<'de>>(d: D) -> Result<crate::reason::Reason, D::Error> {
+    Ok(known(d)?.unwrap_or(crate::reason::Reason::Internal))
+}
+
 /// What bob knows about the build.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ImageBuildStatus {
     /// Where the build is.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "known")]
     pub phase: Option<Phase>,
     /// Why it is in this phase (CamelCase, one closed set).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "known")]
     pub reason: Option<crate::reason::Reason>,
     /// A human-readable line.
     #[serde(skip_serializing_if = "Option::is_none")]

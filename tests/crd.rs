@@ -196,3 +196,21 @@ fn every_rule_is_within_the_api_servers_cost_budget() {
         }
     }
 }
+
+#[test]
+fn the_controllers_types_read_objects_written_by_a_newer_crd() {
+    // A newer bob may add spec fields, phases and reasons; an older controller (an upgrade in
+    // progress, a rollback) must still read the object, or its watch of every ImageBuild fails.
+    let newer = json!({"apiVersion": "bob.dev/v1alpha1", "kind": "ImageBuild", "metadata": {"name": "n"},
+        "spec": {"source": {"image": {"ref": "reg.test/a:1"}}, "workspaceImageRepository": "reg.test/ws",
+                 "cache": {"scope": "team"}},
+        "status": {"phase": "Archived", "reason": "SomethingNew", "observedGeneration": 1,
+                   "failure": {"reason": "SomethingNew", "message": "x"}, "logRefs": [{"attempt": 1}]}});
+    let ib: ImageBuild = serde_json::from_value(newer).expect("a newer object reads");
+    let s = ib.status.unwrap();
+    assert_eq!((s.phase, s.reason), (None, None), "unknown values read as unknown");
+    assert_eq!(s.failure.unwrap().reason, bob::reason::Reason::Internal);
+    let known = json!({"phase": "Failed", "reason": "PodRejected"});
+    let s: bob::crd::ImageBuildStatus = serde_json::from_value(known).unwrap();
+    assert_eq!((s.phase, s.reason), (Some(bob::crd::Phase::Failed), Some(bob::reason::Reason::PodRejected)));
+}
