@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::cli::parse_duration;
+use crate::duration;
 use crate::oci::client::{self, Client, Kind};
 use crate::oci::copy::copy_with_progress;
 use crate::oci::transport;
@@ -81,7 +81,7 @@ pub struct CopyArgs {
     pub jobs: u16,
     /// Longest wait for a registry's answer, retries included, and longest silence while a blob
     /// streams (e.g. 30s).
-    #[arg(long, env = "BOB_COPY_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    #[arg(long, env = "BOB_COPY_TIMEOUT", default_value = "120s", value_parser = duration::parse)]
     pub timeout: Duration,
 }
 

@@ -11,10 +11,21 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+use crate::duration::DURATION_RE;
+
 /// A repository without tag or digest: `[host[:port]/]path`, lowercase path components.
 pub const REPOSITORY_RE: &str = r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$";
 /// An image reference: a repository with an optional tag and an optional sha256 digest.
 pub const REFERENCE_RE: &str = r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$";
+
+/// The message of the duration rules (users read it instead of CEL's conversion error).
+pub const DURATION_MESSAGE: &str = "must be a positive duration with a unit, such as 90s, 30m or 1h30m";
+
+/// The CEL rule of a duration field: the form first, so `duration()` only sees what it can
+/// convert (CEL's `&&` is false when either side is, even if the other is an error).
+pub fn duration_rule() -> String {
+    format!("self.matches(r'{DURATION_RE}') && duration(self) > duration('0s')")
+}
 
 /// What to build: the source of the base image, the repositories, credentials and pod knobs.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -58,7 +69,8 @@ pub struct ImageBuildSpec {
     /// Stop the build; the ImageBuild ends Cancelled.
     #[serde(default)]
     pub cancel: bool,
-    /// Time limits.
+    /// Time limits: positive durations in Go's syntax, numbers with units `ns`, `us`, `ms`, `s`,
+    /// `m`, `h` (`90s`, `30m`, `1.5h`, `1h30m`); a bare number such as `30` is refused: write `30s`.
     pub timeouts: Option<Timeouts>,
     /// Scheduling and resources of the build pod.
     pub pod: Option<PodOptions>,
@@ -143,15 +155,18 @@ pub struct RegistryAuth {
     pub secret_ref: SecretRef,
 }
 
-/// Time limits, as durations such as `30m` or `1h30m`.
+/// Time limits, in the one duration grammar (`crate::duration`: Go's, which CEL's `duration()`
+/// reads on the API server).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 pub struct Timeouts {
-    /// Longest wait for a build slot (default 30m).
-    #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("must be a positive duration such as 30m"))]
+    /// Longest wait from creation until a build pod runs (missing Secret, registry down, no
+    /// build slot), e.g. `30m` (default: the controller's `--queue-timeout`, 30m).
+    #[x_kube(validation = Rule::new(duration_rule()).message(DURATION_MESSAGE))]
     #[schemars(length(max = 32))]
     pub queue: Option<String>,
-    /// Longest build, from pod start (default 1h).
-    #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("must be a positive duration such as 1h"))]
+    /// Longest build from pod start (the pod's `activeDeadlineSeconds`, rounded up to whole
+    /// seconds), e.g. `1h30m` (default: the controller's `--build-timeout`, 1h).
+    #[x_kube(validation = Rule::new(duration_rule()).message(DURATION_MESSAGE))]
     #[schemars(length(max = 32))]
     pub build: Option<String>,
 }

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod controller;
 pub mod copy;
 pub mod crd;
+pub mod duration;
 pub mod key;
 pub mod local;
 pub mod oci;

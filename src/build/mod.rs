@@ -12,7 +12,7 @@ pub mod result;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::cli::parse_duration;
+use crate::duration;
 use crate::oci::client::{Client, Kind};
 use crate::oci::{CredentialStore, Reference};
 use crate::reason::Reason;
@@ -95,10 +95,10 @@ pub struct BuildArgs {
     #[arg(long, env = "BOB_OCI_RUNTIME", default_value = "runc")]
     pub oci_runtime: String,
     /// End the build when it prints nothing for this long (e.g. a RUN step waiting for input).
-    #[arg(long, env = "BOB_NO_PROGRESS_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    #[arg(long, env = "BOB_NO_PROGRESS_TIMEOUT", default_value = "10m", value_parser = duration::parse)]
     pub no_progress_timeout: Duration,
     /// How long to wait for the proxy to answer at start.
-    #[arg(long, env = "BOB_PROXY_WAIT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "BOB_PROXY_WAIT", default_value = "30s", value_parser = duration::parse)]
     pub proxy_wait: Duration,
     /// Blobs copied at once in phase 2.
     #[arg(long, env = "BOB_COPY_JOBS", default_value_t = 8)]

@@ -300,7 +300,10 @@ fn wait(
     now: Timestamp,
     cfg: &Settings,
 ) -> Transition {
-    let limit = queue_limit(ib, cfg.queue_timeout);
+    let limit = match queue_limit(ib, cfg.queue_timeout) {
+        Ok(limit) => limit,
+        Err(invalid) => return finish(status::failed_with(s, invalid.reason(), invalid.to_string(), now)),
+    };
     let waited = waited(ib, now);
     if waited > limit {
         let message = format!("still waiting after {} (spec.timeouts.queue): {}", human(limit), f.message);
@@ -329,7 +332,10 @@ fn queued(
     now: Timestamp,
     cfg: &Settings,
 ) -> Transition {
-    let limit = queue_limit(ib, cfg.queue_timeout);
+    let limit = match queue_limit(ib, cfg.queue_timeout) {
+        Ok(limit) => limit,
+        Err(invalid) => return finish(status::failed_with(s, invalid.reason(), invalid.to_string(), now)),
+    };
     let waited = waited(ib, now);
     if waited > limit {
         let message = format!("still waiting after {} (spec.timeouts.queue): {message}", human(limit));

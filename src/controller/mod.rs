@@ -34,8 +34,8 @@ pub use plan::{BuildSecurity, Invalid, Plan, PlanConfig, Resolved, from_images, 
 pub use policy::Policy;
 
 use crate::build::Isolation;
-use crate::cli::parse_duration;
 use crate::crd::ImageBuild;
+use crate::duration;
 use crate::oci::CredentialStore;
 use crate::oci::client::Client;
 
@@ -114,10 +114,10 @@ pub struct ControllerArgs {
     #[arg(long, env = "BOB_ISOLATION", value_enum, default_value = "chroot")]
     pub isolation: Isolation,
     /// Build time limit when an ImageBuild sets none.
-    #[arg(long, env = "BOB_BUILD_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, env = "BOB_BUILD_TIMEOUT", default_value = "1h", value_parser = duration::parse)]
     pub build_timeout: Duration,
     /// How long an ImageBuild may wait to start (missing Secret, registry down) when it sets none.
-    #[arg(long, env = "BOB_QUEUE_TIMEOUT", default_value = "30m", value_parser = parse_duration)]
+    #[arg(long, env = "BOB_QUEUE_TIMEOUT", default_value = "30m", value_parser = duration::parse)]
     pub queue_timeout: Duration,
     /// Registries (host or host:port) spoken to over plain HTTP besides loopback ones.
     #[arg(long = "insecure-registry", env = "BOB_INSECURE_REGISTRIES", value_delimiter = ',')]
@@ -129,7 +129,7 @@ pub struct ControllerArgs {
     #[arg(long, env = "BOB_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10))]
     pub max_attempts: u32,
     /// Wait before the first retry; doubles per attempt (at most 5m).
-    #[arg(long, env = "BOB_RETRY_BACKOFF", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "BOB_RETRY_BACKOFF", default_value = "10s", value_parser = duration::parse)]
     pub retry_backoff: Duration,
     /// Keep finished build pods instead of deleting them once their evidence is in status.
     #[arg(long, env = "BOB_KEEP_FINISHED_PODS")]

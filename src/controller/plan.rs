@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::Pod;
 use crate::build::Isolation;
 use crate::build::dockerfile::Dockerfile;
 use crate::crd::ImageBuild;
+use crate::duration;
 use crate::key::{self, BuildInputs, DockerfileSource as KeySource};
 use crate::oci::Reference;
 use crate::reason::Reason;
@@ -110,6 +111,28 @@ pub struct Plan {
     pub pod: Pod,
 }
 
+/// The spec's time limits (`spec.timeouts`), `None` where it sets none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TimeLimits {
+    /// `spec.timeouts.queue`.
+    pub queue: Option<Duration>,
+    /// `spec.timeouts.build`.
+    pub build: Option<Duration>,
+}
+
+/// Reads `spec.timeouts` with the one duration grammar (`crate::duration`, what the CRD's CEL
+/// rules accept). A value that does not parse is an invalid spec, never replaced by a default.
+pub fn time_limits(ib: &ImageBuild) -> Result<TimeLimits, Invalid> {
+    let Some(t) = &ib.spec.timeouts else { return Ok(TimeLimits::default()) };
+    let read = |field: &str, value: &Option<String>| {
+        value.as_deref().map(duration::parse).transpose().map_err(|e| Invalid::new(field, e.to_string()))
+    };
+    Ok(TimeLimits {
+        queue: read("spec.timeouts.queue", &t.queue)?,
+        build: read("spec.timeouts.build", &t.build)?,
+    })
+}
+
 /// Largest inline Dockerfile: it travels in a pod annotation (256 KiB for all of them).
 pub const MAX_INLINE_DOCKERFILE: usize = 128 * 1024;
 
@@ -202,6 +225,7 @@ fn parent_dir(path: &str) -> String {
 /// Plans the build: inputs, key, refs and the pod.
 pub fn plan(ib: &ImageBuild, resolved: &Resolved, cfg: &PlanConfig) -> Result<Plan, Invalid> {
     let spec = &ib.spec;
+    let limits = time_limits(ib)?;
     let workspace_repo = repository("spec.workspaceImageRepository", &spec.workspace_image_repository)?;
     let inputs = inputs(ib, resolved)?;
     let (key, base_ref) = match (&spec.source.image, &inputs) {
@@ -235,6 +259,7 @@ pub fn plan(ib: &ImageBuild, resolved: &Resolved, cfg: &PlanConfig) -> Result<Pl
             base_ref: &base_ref,
             workspace_ref: &workspace_ref,
             from_refs: &from_refs,
+            build_timeout: limits.build.unwrap_or(cfg.build_timeout),
             cfg,
         },
     )?;

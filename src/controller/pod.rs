@@ -3,6 +3,7 @@
 //! mounted in exactly one container; labels tie the pod to its ImageBuild and key.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
     AppArmorProfile, Capabilities, Container, DownwardAPIVolumeFile, DownwardAPIVolumeSource,
@@ -48,6 +49,8 @@ pub struct PodInputs<'a> {
     pub workspace_ref: &'a str,
     /// Pinned `FROM` refs.
     pub from_refs: &'a [String],
+    /// The build's time limit (the spec's, else the installation's).
+    pub build_timeout: Duration,
     /// Installation settings.
     pub cfg: &'a PlanConfig,
 }
@@ -322,13 +325,8 @@ pub fn build_pod(ib: &ImageBuild, p: &PodInputs<'_>) -> Result<Pod, Invalid> {
         termination_message_policy: Some("File".into()),
         ..Default::default()
     };
-    let timeout = spec.timeouts.as_ref().and_then(|t| t.build.as_deref()).map(|b| {
-        crate::cli::parse_duration(b).map_err(|e| Invalid { field: "spec.timeouts.build".into(), message: e })
-    });
-    let deadline = match timeout {
-        Some(t) => t?.as_secs().max(1),
-        None => p.cfg.build_timeout.as_secs(),
-    };
+    // Whole seconds, rounded up: the pod never gets less time than the limit says.
+    let deadline = p.build_timeout.as_secs() + u64::from(p.build_timeout.subsec_nanos() > 0);
 
     let labels = BTreeMap::from([
         ("app.kubernetes.io/name".to_string(), "bob".to_string()),

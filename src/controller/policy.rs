@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use super::plan::{Invalid, time_limits};
 use crate::crd::{ImageBuild, ImageBuildStatus};
 use crate::reason::Reason;
 
@@ -62,15 +63,11 @@ pub fn owner_done(status: Option<&ImageBuildStatus>, generation: Option<i64>, po
     terminal || s.pod_name.as_deref() != Some(pod)
 }
 
-/// The ImageBuild's queue time limit: `spec.timeouts.queue`, else the installation's default.
-/// (The spec's value was checked when the ImageBuild was planned; see `plan.rs`.)
-pub fn queue_limit(ib: &ImageBuild, default_limit: Duration) -> Duration {
-    ib.spec
-        .timeouts
-        .as_ref()
-        .and_then(|t| t.queue.as_deref())
-        .and_then(|q| crate::cli::parse_duration(q).ok())
-        .unwrap_or(default_limit)
+/// The ImageBuild's queue time limit: `spec.timeouts.queue`, else the installation's default. A
+/// value that is not a positive duration is an invalid spec, never replaced by the default (a
+/// wait can end before the spec is planned, e.g. while its Secret is missing).
+pub fn queue_limit(ib: &ImageBuild, default_limit: Duration) -> Result<Duration, Invalid> {
+    Ok(time_limits(ib)?.queue.unwrap_or(default_limit))
 }
 
 /// How long a waiting ImageBuild (missing Secret, registry down, no quota) waits before the next

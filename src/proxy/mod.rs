@@ -24,7 +24,7 @@ pub use crate::oci::transport::TransportOptions as UpstreamOptions;
 pub use error::ProxyError;
 pub use handler::{AliasTarget, Proxy};
 
-use crate::cli::parse_duration;
+use crate::duration;
 use crate::oci::transport::Transport;
 use crate::oci::{CredentialStore, Endpoints, Reference, credentials};
 
@@ -118,16 +118,16 @@ pub struct ProxyArgs {
     pub insecure_registries: Vec<String>,
     /// Longest wait for an upstream answer, retries included, and longest silence while a body
     /// streams (e.g. 30s, 500ms).
-    #[arg(long, env = "BOB_PROXY_UPSTREAM_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    #[arg(long, env = "BOB_PROXY_UPSTREAM_TIMEOUT", default_value = "120s", value_parser = duration::parse)]
     pub upstream_timeout: Duration,
     /// Retries of idempotent upstream requests on connection errors, 5xx and 429.
     #[arg(long, env = "BOB_PROXY_RETRIES", default_value_t = 3)]
     pub retries: u32,
     /// Longest wait for a client's complete request head; slower clients are disconnected.
-    #[arg(long, env = "BOB_PROXY_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "BOB_PROXY_HEADER_TIMEOUT", default_value = "10s", value_parser = duration::parse)]
     pub header_timeout: Duration,
     /// Longest idle time of a kept-alive client connection between two requests.
-    #[arg(long, env = "BOB_PROXY_IDLE_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    #[arg(long, env = "BOB_PROXY_IDLE_TIMEOUT", default_value = "120s", value_parser = duration::parse)]
     pub idle_timeout: Duration,
     /// Most client connections at once; at the limit the longest-waiting idle one is closed.
     #[arg(long, env = "BOB_PROXY_MAX_CONNECTIONS", default_value_t = 256,
@@ -138,7 +138,7 @@ pub struct ProxyArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_uploads: u32,
     /// Idle time after which an upload session is dropped and its upstream upload cancelled.
-    #[arg(long, env = "BOB_PROXY_UPLOAD_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, env = "BOB_PROXY_UPLOAD_IDLE_TIMEOUT", default_value = "5m", value_parser = duration::parse)]
     pub upload_idle_timeout: Duration,
     /// Exit 0 if a proxy answers on the address, 1 otherwise (the pod's exec startup probe).
     #[arg(long)]
