@@ -5,36 +5,20 @@
 
 mod common;
 
-use std::any::TypeId;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bob::cli::Cli;
 use bob::controller::reconcile::reconcile;
 use bob::controller::{PlanConfig, Resolved, plan};
-use clap::{CommandFactory, Parser};
+use clap::Parser;
 use common::fake_api::*;
+use common::flags::duration_flags;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde_json::{Value, json};
 
 const DIGEST: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
-
-/// Every flag that takes a duration: (subcommand, --long, env var).
-fn duration_flags() -> Vec<(String, String, String)> {
-    let mut out = Vec::new();
-    for sub in Cli::command().get_subcommands() {
-        for arg in sub.get_arguments() {
-            if arg.get_value_parser().type_id() == TypeId::of::<Duration>() {
-                let long = arg.get_long().expect("duration flags are long options");
-                let env = arg.get_env().expect("every flag has an env var").to_string_lossy().into_owned();
-                out.push((sub.get_name().to_string(), long.to_string(), env));
-            }
-        }
-    }
-    out
-}
 
 /// The smallest argument list that parses for `sub`, plus `--<long>=<value>`.
 fn args(sub: &str, long: &str, value: &str) -> Vec<String> {
@@ -51,7 +35,7 @@ fn args(sub: &str, long: &str, value: &str) -> Vec<String> {
 #[test]
 fn every_duration_flag_takes_go_durations_and_refuses_bare_numbers() {
     let flags = duration_flags();
-    let names: Vec<&str> = flags.iter().map(|f| f.2.as_str()).collect();
+    let names: Vec<&str> = flags.iter().map(|f| f.env.as_str()).collect();
     for env in [
         "BOB_PROXY_UPSTREAM_TIMEOUT",
         "BOB_PROXY_HEADER_TIMEOUT",
@@ -66,7 +50,8 @@ fn every_duration_flag_takes_go_durations_and_refuses_bare_numbers() {
     ] {
         assert!(names.contains(&env), "{env} is not a duration flag: {names:?}");
     }
-    for (sub, long, _) in &flags {
+    for flag in &flags {
+        let (sub, long) = (&flag.subcommand, &flag.long);
         for ok in ["1h30m", "1.5h", "90s", "300ms", "2h45m30.5s", "10us", "5ns"] {
             let parsed = Cli::try_parse_from(args(sub, long, ok));
             assert!(parsed.is_ok(), "{sub} --{long} {ok}: {}", parsed.err().unwrap());

@@ -1,7 +1,11 @@
 //! One source of truth across the ways bob is installed: the Helm chart's RBAC rules are the
 //! kustomize base's, and `kubectl kustomize config/default` holds the generated CRD and a
-//! controller that runs `bob controller` with the leader Lease in its own namespace. (The chart
-//! and kustomize output are linted and schema-validated by scripts/check-manifests.)
+//! controller that runs `bob controller` with the leader Lease in its own namespace. Every
+//! manifest (chart, kustomize, the planned build pod) writes the values the API server would
+//! default inside atomic structs and list keys (`fieldRef.apiVersion`, `ports[].protocol`), so
+//! moving an install from client-side to server-side apply meets no conflict; every duration
+//! they ship parses with bob's one grammar. (The chart and kustomize output are linted and
+//! schema-validated by scripts/check-manifests.)
 
 mod common;
 
@@ -41,11 +45,7 @@ fn the_chart_and_kustomize_grant_the_same_rules() {
 
 #[test]
 fn kustomize_builds_the_crd_rbac_and_controller() {
-    common::require("kubectl", "kubectl (shipped with these machines; any kubectl >= 1.30)");
-    let out =
-        Command::new("kubectl").args(["kustomize"]).arg(root().join("config/default")).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let docs = yaml_docs(&String::from_utf8(out.stdout).unwrap());
+    let docs = kustomize("config/default");
     let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
     for kind in [
         "Namespace",
@@ -77,4 +77,206 @@ fn the_handbook_explains_every_reason() {
     for reason in bob::reason::Reason::ALL {
         assert!(handbook.contains(&format!("| `{reason}` |")), "docs/handbook.md has no row for {reason}");
     }
+}
+
+/// Every value under `key`, at any depth.
+fn find<'a>(v: &'a Value, key: &str, out: &mut Vec<&'a Value>) {
+    match v {
+        Value::Object(m) => {
+            for (k, child) in m {
+                if k == key {
+                    out.push(child);
+                }
+                find(child, key, out);
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|c| find(c, key, out)),
+        _ => {}
+    }
+}
+
+fn all<'a>(docs: &'a [Value], key: &str) -> Vec<&'a Value> {
+    let mut out = Vec::new();
+    docs.iter().for_each(|d| find(d, key, &mut out));
+    out
+}
+
+fn kustomize(dir: &str) -> Vec<Value> {
+    common::require("kubectl", "kubectl (shipped with these machines; any kubectl >= 1.30)");
+    let out = Command::new("kubectl").args(["kustomize"]).arg(root().join(dir)).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    yaml_docs(&String::from_utf8(out.stdout).unwrap())
+}
+
+fn indent(line: &str) -> usize {
+    line.len() - line.trim_start().len()
+}
+
+/// The chart's templates as YAML fragments around each line that names `key`: the line and the
+/// lines that continue it, with template control lines (`{{- range }}`, `{{- end }}`) dropped and
+/// each `{{ … }}` value replaced by a scalar. (Helm's library comes only as helm-sdkpy, which
+/// lints but does not render; the defaults belong in what the templates write literally anyway.)
+fn chart_fragments(key: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(root().join("charts/bob/templates")).unwrap().flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(e.path()).unwrap();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| !(l.trim_start().starts_with("{{") && l.trim_end().ends_with("}}")))
+            .collect();
+        for (i, line) in lines.iter().enumerate() {
+            if !line.contains(&format!("{key}:")) {
+                continue;
+            }
+            let base = indent(line);
+            let item = line.trim_start().starts_with("- ");
+            let more = lines[i + 1..].iter().take_while(|l| {
+                indent(l) > base || (!item && indent(l) == base && l.trim_start().starts_with("- "))
+            });
+            let mut fragment = String::new();
+            for (n, l) in std::iter::once(line).chain(more).enumerate() {
+                let l = &l[base.min(indent(l))..];
+                let l = if n == 0 && item { format!("  {}", &l[2..]) } else { l.to_string() };
+                fragment.push_str(&substitute(&l));
+                fragment.push('\n');
+            }
+            let parsed: Value = serde_saphyr::from_str(&fragment).unwrap_or_else(|e| {
+                panic!("{file}: cannot read the fragment around {key}:\n{fragment}\n{e}")
+            });
+            out.push(parsed);
+        }
+    }
+    out
+}
+
+/// `{{ … }}` replaced by `0`.
+fn substitute(line: &str) -> String {
+    let mut rest = line;
+    let mut out = String::new();
+    while let Some(start) = rest.find("{{") {
+        let end = rest[start..].find("}}").map_or(rest.len(), |e| start + e + 2);
+        out.push_str(&rest[..start]);
+        out.push('0');
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The inline-Dockerfile sample's planned build pod (it projects the Dockerfile with a fieldRef).
+fn planned_pod() -> Value {
+    use bob::controller::{PlanConfig, Resolved, from_images, plan};
+    let text = std::fs::read_to_string(root().join("config/samples/inline-dockerfile.yaml")).unwrap();
+    let doc = yaml_docs(&text).into_iter().find(|d| d["kind"] == "ImageBuild").unwrap();
+    let ib: bob::crd::ImageBuild = serde_json::from_value(doc).unwrap();
+    let mut resolved = Resolved::default();
+    let digest = format!("sha256:{}", "1".repeat(64));
+    resolved.from_digests =
+        from_images(&ib, &resolved).unwrap().unwrap().into_iter().map(|i| (i, digest.clone())).collect();
+    serde_json::to_value(plan(&ib, &resolved, &PlanConfig::default()).unwrap().pod).unwrap()
+}
+
+#[test]
+fn every_field_ref_names_the_api_version_the_server_would_default() {
+    let kustomized = kustomize("config/default");
+    let pod = [planned_pod()];
+    let chart = chart_fragments("fieldRef");
+    let written = std::fs::read_dir(root().join("charts/bob/templates"))
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap().matches("fieldRef").count())
+        .sum::<usize>();
+    assert_eq!(all(&chart, "fieldRef").len(), written, "every fieldRef in the templates was read");
+    for (source, docs) in [("kustomize", &kustomized[..]), ("chart", &chart[..]), ("planned pod", &pod[..])] {
+        let refs = all(docs, "fieldRef");
+        assert!(!refs.is_empty(), "{source}: no fieldRef found");
+        for r in refs {
+            assert_eq!(r["apiVersion"], "v1", "{source}: {r}");
+        }
+    }
+}
+
+#[test]
+fn every_port_names_the_protocol_the_server_would_default() {
+    let mut docs = kustomize("config/default");
+    docs.extend(kustomize("config/network-policy"));
+    let chart = chart_fragments("ports");
+    for (source, docs) in [("kustomize", &docs[..]), ("chart", &chart[..])] {
+        let ports: Vec<&Value> = all(docs, "ports").into_iter().flat_map(|p| p.as_array().unwrap()).collect();
+        assert!(ports.len() >= 3, "{source}: ports found: {ports:?}");
+        for p in ports {
+            assert!(matches!(p["protocol"].as_str(), Some("TCP" | "UDP")), "{source}: {p}");
+        }
+    }
+}
+
+#[test]
+fn every_shipped_duration_parses_with_the_one_grammar() {
+    use common::flags::duration_flags;
+    let flags = duration_flags();
+    // The chart: each env var of a duration flag, from the values the Deployment template reads,
+    // with the default values and each CI values file over them.
+    let template = std::fs::read_to_string(root().join("charts/bob/templates/deployment.yaml")).unwrap();
+    let defaults: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(root().join("charts/bob/values.yaml")).unwrap())
+            .unwrap();
+    let mut values = vec![defaults.clone()];
+    for e in std::fs::read_dir(root().join("charts/bob/ci")).unwrap().flatten() {
+        let over: Value = serde_saphyr::from_str(&std::fs::read_to_string(e.path()).unwrap()).unwrap();
+        values.push(over);
+    }
+    let mut checked = Vec::new();
+    for flag in &flags {
+        let Some(line) = template.lines().find(|l| l.contains(&format!("name: {}, ", flag.env))) else {
+            continue;
+        };
+        let path = line.split(".Values.").nth(1).unwrap().split([' ', '|', '}']).next().unwrap();
+        let pointer = format!("/{}", path.replace('.', "/"));
+        for v in &values {
+            if let Some(text) = v.pointer(&pointer).and_then(Value::as_str) {
+                bob::duration::parse(text).unwrap_or_else(|e| panic!("chart {path}: {e}"));
+            }
+        }
+        assert!(defaults.pointer(&pointer).is_some(), "values.yaml has {path}");
+        checked.push(flag.env.as_str());
+    }
+    for env in ["BOB_BUILD_TIMEOUT", "BOB_QUEUE_TIMEOUT", "BOB_RETRY_BACKOFF"] {
+        assert!(checked.contains(&env), "the chart sets {env}: {checked:?}");
+    }
+    // kustomize: env vars and arguments of duration flags.
+    for d in kustomize("config/default").iter().filter(|d| d["kind"] == "Deployment") {
+        for c in d["spec"]["template"]["spec"]["containers"].as_array().unwrap() {
+            for e in c["env"].as_array().into_iter().flatten() {
+                if flags.iter().any(|f| e["name"] == f.env.as_str()) {
+                    bob::duration::parse(e["value"].as_str().unwrap()).unwrap();
+                }
+            }
+            let args: Vec<&str> =
+                c["args"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+            for (i, a) in args.iter().enumerate() {
+                for f in &flags {
+                    let long = format!("--{}", f.long);
+                    if let Some(v) = a.strip_prefix(&format!("{long}=")) {
+                        bob::duration::parse(v).unwrap();
+                    } else if *a == long {
+                        bob::duration::parse(args[i + 1]).unwrap();
+                    }
+                }
+            }
+        }
+    }
+    // The samples' spec.timeouts.
+    for e in std::fs::read_dir(root().join("config/samples")).unwrap().flatten() {
+        for d in yaml_docs(&std::fs::read_to_string(e.path()).unwrap()) {
+            for (_, t) in d["spec"]["timeouts"].as_object().into_iter().flatten() {
+                bob::duration::parse(t.as_str().unwrap()).unwrap();
+            }
+        }
+    }
+    // values.schema.json checks chart durations with the same grammar (and refuses signs and zero).
+    let schema: Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("charts/bob/values.schema.json")).unwrap())
+            .unwrap();
+    assert_eq!(schema["definitions"]["duration"]["allOf"][0]["pattern"], bob::duration::DURATION_RE);
 }

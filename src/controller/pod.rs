@@ -278,9 +278,10 @@ pub fn build_pod(ib: &ImageBuild, p: &PodInputs<'_>) -> Result<Pod, Invalid> {
                     downward_api: Some(DownwardAPIVolumeSource {
                         items: Some(vec![DownwardAPIVolumeFile {
                             path: "Dockerfile".into(),
+                            // What the API server would default (an atomic struct).
                             field_ref: Some(ObjectFieldSelector {
+                                api_version: Some("v1".into()),
                                 field_path: format!("metadata.annotations['{ANNOTATION_DOCKERFILE}']"),
-                                ..Default::default()
                             }),
                             ..Default::default()
                         }]),

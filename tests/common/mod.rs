@@ -5,6 +5,7 @@
 
 pub mod build;
 pub mod fake_api;
+pub mod flags;
 pub mod images;
 pub mod recorder;
 pub mod token;
