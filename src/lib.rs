@@ -3,6 +3,7 @@
 //! The library holds every subsystem; `main.rs` only parses the command line and dispatches.
 #![forbid(unsafe_code)]
 
+pub mod bounded;
 pub mod build;
 pub mod cli;
 pub mod controller;

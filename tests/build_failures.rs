@@ -88,6 +88,13 @@ async fn each_failure_has_its_reason_and_a_useful_message() {
     let ctx = fx.context("invalid", "RUN echo no from\n", &[]);
     let (out, r) = bob_build(&proxy.addr, &ctx, &storage, &[]);
     failed(&out, &r, Reason::DockerfileInvalid, "line 1: RUN before the first FROM");
+
+    // A Dockerfile past the input limit (a valid one: a FROM and 2 MiB of comments).
+    let huge = format!("FROM {}\n{}", fx.from, "# padding\n".repeat(200_000));
+    let ctx = fx.context("huge", &huge, &[]);
+    let (out, r) = bob_build(&proxy.addr, &ctx, &storage, &[]);
+    let limit = format!("Dockerfile {} exceeds the limit of 1 MiB", ctx.join("Dockerfile").display());
+    failed(&out, &r, Reason::DockerfileInvalid, &limit);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -10,6 +10,7 @@ use super::dockerfile::Dockerfile;
 use super::engine::{Buildah, Engine, EngineBuild, registries_conf, write};
 use super::output::{self, Finished};
 use super::{BuildArgs, BuildResult, Failure, registry_failure};
+use crate::bounded;
 use crate::oci::Reference;
 use crate::oci::client::Client;
 use crate::reason::Reason;
@@ -106,7 +107,10 @@ pub async fn build(
         return Err(failure(&engine, &pushed, Reason::PushFailed, args));
     }
     result.timings.push_ms = Some(started.elapsed().as_millis() as u64);
-    let digest = std::fs::read_to_string(&spec.digest_file).map_err(io_failure)?.trim().to_string();
+    let digest = bounded::read_to_string(&spec.digest_file, bounded::DIGEST_FILE)
+        .map_err(|e| Failure::new(Reason::PushFailed, crate::oci::error::chain(&e)))?
+        .trim()
+        .to_string();
     result.base_built = true;
     // Local storage is a cache only; the pushed image is what counts.
     let _ = engine.remove(&spec).output().await;
@@ -126,15 +130,16 @@ fn read_dockerfile(args: &BuildArgs) -> Result<(std::path::PathBuf, String), Fai
             format!("{} is a directory, not a Dockerfile", path.display()),
         ));
     }
-    match std::fs::read_to_string(&path) {
+    match bounded::read_to_string(&path, bounded::DOCKERFILE) {
         Ok(text) => Ok((path, text)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Failure::new(
+        Err(e) if e.is_not_found() => Err(Failure::new(
             Reason::DockerfileNotFound,
             format!("no Dockerfile at {}: check the Dockerfile path of the ImageBuild", path.display()),
         )),
-        Err(e) => {
-            Err(Failure::new(Reason::DockerfileNotFound, format!("cannot read {}: {e}", path.display())))
+        Err(e @ bounded::Error::Read { .. }) => {
+            Err(Failure::new(Reason::DockerfileNotFound, crate::oci::error::chain(&e)))
         }
+        Err(e) => Err(Failure::new(Reason::DockerfileInvalid, e.to_string())),
     }
 }
 

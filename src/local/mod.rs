@@ -171,17 +171,20 @@ pub async fn run(args: RunArgs) -> Result<ImageBuildStatus, Error> {
     }
 }
 
-/// The docker config the run uses: the file's registry Secret, else a local one, else none.
+/// The docker config the run uses: the file's registry Secret, else a local one, else none;
+/// each at most `bounded::DOCKER_CONFIG`.
 fn registry_config(input: &Input, auth_file: Option<&PathBuf>) -> Result<String, Error> {
+    use crate::oci::credentials;
     if let Some(auth) = &input.image_build.spec.registry_auth
         && let Some(json) = input.secret_value(&auth.secret_ref.name, ".dockerconfigjson")
     {
+        let name = format!("Secret {}/.dockerconfigjson", auth.secret_ref.name);
+        crate::bounded::check(&name, json, crate::bounded::DOCKER_CONFIG)
+            .map_err(|e| Error::Credentials(e.into()))?;
         return Ok(json.to_string());
     }
-    match auth_file.cloned().or_else(crate::oci::credentials::default_docker_config) {
-        Some(p) => std::fs::read_to_string(&p).map_err(|source| {
-            Error::Credentials(crate::oci::credentials::Error::Read { path: p.clone(), source })
-        }),
+    match auth_file.cloned().or_else(credentials::default_docker_config) {
+        Some(p) => credentials::read_text(&p).map_err(Error::Credentials),
         None => Ok("{}".into()),
     }
 }
