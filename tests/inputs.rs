@@ -5,40 +5,10 @@
 
 mod common;
 
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Output;
 
 use bob::oci::{Credential, CredentialStore, Secret};
-use common::write_file;
-
-/// Address space bob may use in these tests: far above what it needs (about 200 MiB here), far
-/// below what an unbounded read of `/dev/zero` takes, so such a read dies instead of taking the
-/// machine's memory, and the test sees it.
-const ADDRESS_SPACE_KIB: u32 = 1024 * 1024;
-
-/// Runs `bob` with a clean environment and a bounded address space; a `bob` still running after
-/// a minute (e.g. a proxy that accepted its input and serves) is killed and reported.
-fn bob(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new("sh");
-    c.arg("-c").arg(format!("ulimit -v {ADDRESS_SPACE_KIB} && exec \"$0\" \"$@\""));
-    c.arg(env!("CARGO_BIN_EXE_bob")).args(args);
-    c.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default()).env("HOME", "/nonexistent");
-    c.env("RUST_LOG", "off");
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!("bob {args:?} still runs after a minute:\n{}", String::from_utf8_lossy(&out.stderr));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
+use common::{bob_bounded as bob, write_file};
 
 /// Asserts a failed run whose stderr is exactly `line`.
 fn fails_with(out: &Output, line: &str) {

@@ -11,8 +11,8 @@ use super::engine::{Buildah, Engine, EngineBuild, registries_conf, write};
 use super::output::{self, Finished};
 use super::{BuildArgs, BuildResult, Failure, registry_failure};
 use crate::bounded;
-use crate::oci::Reference;
 use crate::oci::client::Client;
+use crate::oci::{Reference, reference};
 use crate::reason::Reason;
 
 /// Builds the base unless it exists; returns its digest.
@@ -59,8 +59,8 @@ pub async fn build(
     let mut pinned: BTreeMap<String, String> = BTreeMap::new();
     let mut hosts: Vec<String> = Vec::new();
     for image in dockerfile.images() {
-        let r: Reference = image.parse().map_err(|e| {
-            Failure::new(Reason::DockerfileInvalid, format!("FROM {image} is not an image reference: {e}"))
+        let r = reference::parse(image).map_err(|e| {
+            Failure::new(Reason::DockerfileInvalid, format!("FROM {image}: {}", crate::oci::error::chain(&e)))
         })?;
         let digest = resolve_from(client, &args.proxy_addr, image, &r, &pins).await?;
         result.from_digests.insert(image.to_string(), digest.clone());
@@ -147,10 +147,10 @@ fn parse_pins(list: &str) -> Result<Vec<Reference>, Failure> {
     list.split(|c: char| c == ',' || c.is_whitespace())
         .filter(|s| !s.is_empty())
         .map(|s| {
-            let r: Reference = s.parse().map_err(|e| {
+            let r = reference::parse(s).map_err(|e| {
                 Failure::new(
                     Reason::InvalidConfig,
-                    format!("BOB_FROM_REFS entry {s:?} is not an image reference: {e}"),
+                    format!("BOB_FROM_REFS: {}", crate::oci::error::chain(&e)),
                 )
             })?;
             if r.digest().is_none() {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::cli::parse_duration;
 use crate::oci::client::{Client, Kind};
-use crate::oci::{CredentialStore, Reference};
+use crate::oci::{CredentialStore, Reference, reference};
 use crate::reason::Reason;
 pub use engine::Isolation;
 pub use result::BuildResult;
@@ -137,13 +137,15 @@ pub async fn run(args: BuildArgs) -> BuildResult {
 }
 
 fn parse_ref(what: &str, value: &str) -> Result<Reference, Failure> {
-    value.parse().map_err(|e| {
-        Failure::new(Reason::InvalidConfig, format!("{what} {value:?} is not an image reference: {e}"))
-    })
+    reference::parse(value)
+        .map_err(|e| Failure::new(Reason::InvalidConfig, format!("{what}: {}", crate::oci::error::chain(&e))))
 }
 
 async fn execute(args: &BuildArgs, result: &mut BuildResult) -> Result<(), Failure> {
     let resolve = Instant::now();
+    // The proxy's address becomes the registry host of every ref below (and of the mirror's).
+    reference::check_host(&args.proxy_addr)
+        .map_err(|why| Failure::new(Reason::InvalidConfig, format!("BOB_PROXY_ADDR: {why}")))?;
     let base = parse_ref("BOB_BASE_REF", &args.base())?;
     let target = parse_ref("BOB_TARGET_REF", &args.target())?;
     wait_for_proxy(&args.proxy_addr, args.proxy_wait).await?;

@@ -9,8 +9,8 @@ use super::pod::GIT_CREDENTIAL_HELPER;
 use super::{Resolved, from_images};
 use crate::bounded;
 use crate::crd::{GitSource, ImageBuild};
-use crate::oci::Reference;
 use crate::oci::client::Client;
+use crate::oci::{Reference, reference};
 use crate::reason::Reason;
 
 /// A failure to resolve, with the status reason it maps to.
@@ -100,6 +100,7 @@ pub async fn resolve(
     git_auth: Option<&GitAuth>,
     scratch: &Path,
 ) -> Result<Resolved, Error> {
+    super::plan::check_references(ib).map_err(|e| fail(e.reason(), e.to_string()))?;
     let mut resolved = Resolved::default();
     if let Some(image) = &ib.spec.source.image {
         let r = parse(&image.reference)?;
@@ -129,7 +130,7 @@ pub async fn resolve(
 }
 
 fn parse(image: &str) -> Result<Reference, Error> {
-    image.parse().map_err(|e| fail(Reason::InvalidSpec, format!("{image:?} is not an image reference: {e}")))
+    reference::parse(image).map_err(|e| fail(Reason::InvalidSpec, crate::oci::error::chain(&e)))
 }
 
 async fn digest_of(client: &Client, r: &Reference, what: &str) -> Result<String, Error> {

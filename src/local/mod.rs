@@ -16,7 +16,7 @@ use crate::build::{BuildResult, Isolation};
 use crate::controller::resolve::{self, GitAuth};
 use crate::controller::{PlanConfig, plan, status};
 use crate::crd::{BuildFailure, ImageBuildStatus, ImageRef, Phase};
-use crate::oci::{CredentialStore, Reference};
+use crate::oci::{CredentialStore, reference};
 use crate::reason::Reason;
 use input::Input;
 
@@ -100,7 +100,7 @@ pub async fn run(args: RunArgs) -> Result<ImageBuildStatus, Error> {
     };
     status.cache_key = planned.key.clone();
     status.base_image = Some(ImageRef::new(&planned.base_ref, resolved.image_digest.clone()));
-    let workspace: Reference = planned.workspace_ref.parse().expect("planned refs parse");
+    let workspace = reference::parse(&planned.workspace_ref).expect("planned refs are checked refs");
     if !ib.spec.force_rebuild
         && let Ok(Some(digest)) = client.manifest_digest(&workspace).await
     {
