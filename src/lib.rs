@@ -12,6 +12,7 @@ pub mod crd;
 pub mod key;
 pub mod local;
 pub mod oci;
+pub mod process;
 pub mod proxy;
 pub mod reason;
 pub mod telemetry;

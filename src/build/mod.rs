@@ -115,11 +115,30 @@ impl BuildArgs {
     }
 }
 
+/// How long the engine gets to end its `RUN` steps when `bob build` is stopped (SIGTERM, SIGINT)
+/// before everything left is killed: well inside Kubernetes' default 30 s termination grace.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
 /// Runs the build, writes the result (termination file and last stdout line) and returns it.
+/// SIGTERM or SIGINT ends the engine and its steps and reports `Cancelled`; the processes below
+/// `bob build` have ended when it returns, on every path.
 pub async fn run(args: BuildArgs) -> BuildResult {
     let started = Instant::now();
     let mut result = BuildResult { version: 1, ..Default::default() };
-    if let Err(f) = execute(&args, &mut result).await {
+    let outcome = crate::process::supervise(STOP_GRACE, execute(&args, &mut result)).await;
+    let failure = match (outcome.value, outcome.signal) {
+        (Some(Ok(())), _) => None,
+        (Some(Err(f)), None) => Some(f),
+        // Stopped: whatever failed afterwards failed because of it; keep what it printed.
+        (value, signal) => Some(Failure {
+            log_tail: value.and_then(|v| v.err()).and_then(|f| f.log_tail),
+            ..Failure::new(
+                Reason::Cancelled,
+                format!("stopped by {} before the build finished", signal.unwrap_or("a signal")),
+            )
+        }),
+    };
+    if let Some(f) = failure {
         tracing::error!(reason = %f.reason, "{}", f.message);
         result.reason = Some(f.reason);
         result.message = Some(f.message);

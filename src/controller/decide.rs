@@ -37,7 +37,7 @@ pub fn decide(ib: &ImageBuild, seen: &Observed, cfg: &Settings) -> Step {
         };
         let mut s = old;
         s.observed_generation = generation;
-        return Step::Act(finish(status::cancelled(s, tail, seen.now)));
+        return Step::Act(finish(status::cancelled(s, "cancelled (spec.cancel)", tail, seen.now)));
     }
     if current && old.pod_name.is_some() && matches!(old.phase, Some(Phase::Building | Phase::Verifying)) {
         return follow(old, seen, cfg);
