@@ -234,7 +234,7 @@ fn failure(engine: &dyn Engine, f: &Finished, default: Reason, args: &BuildArgs)
             )
         };
     }
-    if let Some(d) = engine.diagnose(&f.tail) {
+    if let Some(d) = engine.diagnose(&f.tail, default) {
         // "STEP 3/5: RUN make" names the position of the failing step.
         let position =
             f.last_step.as_deref().and_then(|s| s.strip_prefix("STEP ")).and_then(|s| s.split(':').next());
