@@ -8,20 +8,14 @@ use crate::duration;
 use crate::oci::client::{self, Client, Kind};
 use crate::oci::copy::copy_with_progress;
 use crate::oci::transport;
-use crate::oci::{CredentialStore, Reference, credentials};
+use crate::oci::{CredentialStore, Reference, credentials, reference};
 
 /// Why `bob copy` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A reference does not parse.
-    #[error("invalid image reference {value:?}")]
-    Reference {
-        /// The text given.
-        value: String,
-        /// Why.
-        #[source]
-        source: oci_client::ParseError,
-    },
+    /// A reference is invalid (checked before any network traffic).
+    #[error(transparent)]
+    Reference(#[from] reference::Error),
     /// The credentials cannot be read.
     #[error("cannot read registry credentials")]
     Credentials(#[source] credentials::Error),
@@ -87,7 +81,7 @@ pub struct CopyArgs {
 
 /// Parses an image reference with a clear error.
 pub fn parse_ref(value: &str) -> Result<Reference, Error> {
-    value.parse().map_err(|source| Error::Reference { value: value.to_string(), source })
+    Ok(reference::parse(value)?)
 }
 
 /// The credential store `bob copy` uses: the file given, else the docker defaults, else none.

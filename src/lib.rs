@@ -3,6 +3,7 @@
 //! The library holds every subsystem; `main.rs` only parses the command line and dispatches.
 #![forbid(unsafe_code)]
 
+pub mod bounded;
 pub mod build;
 pub mod cli;
 pub mod controller;
@@ -12,6 +13,7 @@ pub mod duration;
 pub mod key;
 pub mod local;
 pub mod oci;
+pub mod process;
 pub mod proxy;
 pub mod reason;
 pub mod telemetry;

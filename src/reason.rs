@@ -77,7 +77,8 @@ pub enum Reason {
     QueueTimeout,
     /// A registry did not answer (unreachable, timeout, 5xx): retried, not the user's fault.
     RegistryUnavailable,
-    /// `spec.cancel` stopped the build.
+    /// `spec.cancel` stopped the build (in `bob build`'s result and `bob run`'s status: SIGTERM or
+    /// SIGINT did; the controller reports a build container stopped that way by the pod's fate).
     Cancelled,
     /// A bug or an unexpected state in bob itself.
     Internal,

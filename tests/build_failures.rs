@@ -88,6 +88,13 @@ async fn each_failure_has_its_reason_and_a_useful_message() {
     let ctx = fx.context("invalid", "RUN echo no from\n", &[]);
     let (out, r) = bob_build(&proxy.addr, &ctx, &storage, &[]);
     failed(&out, &r, Reason::DockerfileInvalid, "line 1: RUN before the first FROM");
+
+    // A Dockerfile past the input limit (a valid one: a FROM and 2 MiB of comments).
+    let huge = format!("FROM {}\n{}", fx.from, "# padding\n".repeat(200_000));
+    let ctx = fx.context("huge", &huge, &[]);
+    let (out, r) = bob_build(&proxy.addr, &ctx, &storage, &[]);
+    let limit = format!("Dockerfile {} exceeds the limit of 1 MiB", ctx.join("Dockerfile").display());
+    failed(&out, &r, Reason::DockerfileInvalid, &limit);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -145,5 +152,58 @@ async fn neither_bob_build_nor_buildah_sees_credentials_and_run_steps_cannot_use
             !output.contains("BOB_AUTH") && !output.contains("DOCKER_CONFIG"),
             "{name} names a credential variable"
         );
+    }
+}
+
+/// buildah's own `Error:` line leads the message, and its words give the reason: a stage buildah
+/// does not know is the Dockerfile's fault, not a pull's; so is `COPY --from=<image>` (the build
+/// pulls only its pinned `FROM`s); a local storage error is the engine's.
+#[tokio::test(flavor = "multi_thread")]
+async fn buildahs_own_error_leads_the_message_and_gives_the_reason() {
+    let fx = Fixture::new().await;
+    let storage = fx.dir.path().join("storage");
+    let pin = fx.pin();
+    let other = fx.reg.repo("lib/other:1");
+    let cases = [
+        // bob matches stage names as Docker does (case-insensitively); buildah 1.28 does not.
+        (
+            "stage-case",
+            format!("FROM {} AS Build\nRUN true\nFROM build\nRUN true\n", fx.from),
+            Reason::DockerfileInvalid,
+            "creating build container: short-name \"build\" did not resolve".to_string(),
+        ),
+        // An image in COPY --from: buildah pulls it outside the proxy (its host is not mapped)...
+        (
+            "copy-from-scratch",
+            format!("FROM scratch\nCOPY --from={other} /bin/busybox /x\n"),
+            Reason::DockerfileInvalid,
+            format!("COPY --from={other}: no stage or image found with that name"),
+        ),
+        // ...or through the proxy's mirror, which refuses an undeclared image.
+        (
+            "copy-from-mirrored",
+            format!("FROM {} AS a\nFROM scratch\nCOPY --from={other} /bin/busybox /x\n", fx.from),
+            Reason::DockerfileInvalid,
+            format!("COPY --from={other}: no stage or image found with that name"),
+        ),
+        // A stage named like the stage it starts from trips buildah's storage: not a pull either.
+        (
+            "stage-same-name",
+            format!("FROM {} AS a\nRUN true\nFROM a AS a\nRUN true\n", fx.from),
+            Reason::EngineFailed,
+            "buildah: committing container for step".to_string(),
+        ),
+    ];
+    for (name, dockerfile, reason, first) in cases {
+        let (base, ws) = fx.refs(&dockerfile);
+        let proxy = fx.proxy(&base, &ws);
+        let ctx = fx.context(name, &dockerfile, &[]);
+        let (out, r) = bob_build(&proxy.addr, &ctx, &storage, &[("BOB_FROM_REFS", &pin)]);
+        failed(&out, &r, reason, &first);
+        let message = r.message.unwrap_or_default();
+        assert!(message.starts_with(&first), "{name}: {message:?} does not start with buildah's error");
+        let tail = r.log_tail.unwrap_or_default();
+        let buildah_line = format!("Error: {}", first.trim_start_matches("buildah: "));
+        assert!(tail.contains(&buildah_line), "{name}: the log tail has buildah's line:\n{tail}");
     }
 }

@@ -149,3 +149,21 @@ fn a_pod_deleted_mid_build_is_recorded_as_such() {
         Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
     assert_eq!(failed(observe(&p)).0, Reason::PodDeleted);
 }
+
+#[test]
+fn a_build_stopped_by_a_signal_is_the_pods_fate_not_a_user_cancel() {
+    // bob build writes `Cancelled` when kubelet's SIGTERM stops it; the ImageBuild was not
+    // cancelled by its user, so the pod's fate is reported, and it is retryable.
+    let msg = r#"{"version":1,"reason":"Cancelled","message":"stopped by SIGTERM before the build finished","logTail":"STEP 2/2: RUN make\n"}"#;
+    let build = [terminated("build", 1, "Error", Some(msg))];
+    let mut p = pod(json!({"phase": "Running", "containerStatuses": build}));
+    let (reason, message, container, tail) = failed(observe(&p));
+    assert_eq!(
+        (reason, container.as_deref(), tail.as_deref()),
+        (Reason::PodFailed, Some("build"), Some("STEP 2/2: RUN make\n"))
+    );
+    assert!(message.contains("stopped by SIGTERM"), "{message}");
+    p.metadata.deletion_timestamp = serde_json::from_value(json!("2026-11-25T00:00:00Z")).unwrap();
+    assert_eq!(failed(observe(&p)).0, Reason::PodDeleted);
+    assert!(Reason::PodFailed.is_retryable() && Reason::PodDeleted.is_retryable());
+}

@@ -11,17 +11,6 @@ use common::build::*;
 use common::*;
 use serde_json::Value;
 
-/// An ImageBuild YAML with `source` (YAML, indented for `spec.source`) plus the registry Secret.
-fn imagebuild(fx: &Fixture, name: &str, source: &str) -> String {
-    format!(
-        "apiVersion: bob.dev/v1alpha1\nkind: ImageBuild\nmetadata: {{name: {name}}}\nspec:\n  source:\n{source}\n  \
-         baseImageRepository: {reg}/base\n  workspaceImageRepository: {reg}/workspace\n  registryAuth: {{secretRef: {{name: reg}}}}\n\
-         ---\napiVersion: v1\nkind: Secret\nmetadata: {{name: reg}}\ntype: kubernetes.io/dockerconfigjson\nstringData:\n  .dockerconfigjson: '{creds}'\n",
-        reg = fx.reg.host,
-        creds = fx.creds
-    )
-}
-
 /// Runs `bob run -f` on `yaml`; returns the output and the printed status.
 fn bob_run(fx: &Fixture, name: &str, yaml: &str) -> (Output, Value) {
     let file = write_file(fx.dir.path(), &format!("{name}.yaml"), yaml);
@@ -58,7 +47,7 @@ fn repo_tag<'a>(fx: &Fixture, r: &'a str) -> (&'a str, &'a str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_image_source_is_copied_with_its_digest_then_hits_the_cache() {
     let fx = Fixture::new().await;
-    let yaml = imagebuild(&fx, "from-image", &format!("    image: {{ref: \"{}\"}}", fx.from));
+    let yaml = imagebuild_yaml(&fx, "from-image", &format!("    image: {{ref: \"{}\"}}", fx.from));
     let (out, status) = bob_run(&fx, "from-image", &yaml);
     succeeded(&out, &status, "Built");
     assert_eq!(
@@ -85,7 +74,7 @@ async fn an_inline_dockerfile_is_built_verified_and_cached() {
         "    dockerfile:\n      inline: |\n        FROM {}\n        ARG WHO=nobody\n        RUN echo \"built for $WHO\" > /who.txt\n      buildArgs: {{WHO: bob}}",
         fx.from
     );
-    let yaml = imagebuild(&fx, "inline", &source);
+    let yaml = imagebuild_yaml(&fx, "inline", &source);
     let (out, status) = bob_run(&fx, "inline", &yaml);
     succeeded(&out, &status, "Built");
     assert!(text(&out.stderr).contains("STEP 3/3: RUN echo"), "the build log is shown on stderr");
@@ -135,7 +124,7 @@ async fn a_git_source_is_cloned_at_the_resolved_commit_and_built() {
     let source = format!(
         "    dockerfile:\n      git: {{url: \"{url}\", revision: main, dockerfilePath: sub/Dockerfile, contextPath: sub}}"
     );
-    let (out, status) = bob_run(&fx, "git", &imagebuild(&fx, "git", &source));
+    let (out, status) = bob_run(&fx, "git", &imagebuild_yaml(&fx, "git", &source));
     succeeded(&out, &status, "Built");
     assert!(text(&out.stderr).contains(&format!("checked out {sha}")), "the clone container ran");
     let mut inputs = bob::key::BuildInputs::inline("");
@@ -162,7 +151,7 @@ async fn failures_end_in_a_failed_status_with_reason_and_log_tail() {
         "    dockerfile:\n      inline: |\n        FROM {}\n        RUN echo boom-output && exit 7",
         fx.from
     );
-    let (out, status) = bob_run(&fx, "fails", &imagebuild(&fx, "fails", &source));
+    let (out, status) = bob_run(&fx, "fails", &imagebuild_yaml(&fx, "fails", &source));
     assert!(!out.status.success());
     assert_eq!(
         (status["phase"].as_str(), status["reason"].as_str()),
@@ -176,7 +165,7 @@ async fn failures_end_in_a_failed_status_with_reason_and_log_tail() {
     assert!(last.starts_with("bob: run failed: BuildStepFailed: "), "{last}");
 
     // A spec the plan rejects names the field; nothing runs.
-    let bad = imagebuild(&fx, "bad", &format!("    image: {{ref: \"{}\"}}", fx.from))
+    let bad = imagebuild_yaml(&fx, "bad", &format!("    image: {{ref: \"{}\"}}", fx.from))
         .replace("/workspace\n", "/workspace:latest\n");
     let (out, status) = bob_run(&fx, "bad", &bad);
     assert!(!out.status.success());

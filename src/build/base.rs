@@ -10,8 +10,9 @@ use super::dockerfile::Dockerfile;
 use super::engine::{Buildah, Engine, EngineBuild, registries_conf, write};
 use super::output::{self, Finished};
 use super::{BuildArgs, BuildResult, Failure, registry_failure};
-use crate::oci::Reference;
+use crate::bounded;
 use crate::oci::client::Client;
+use crate::oci::{Reference, reference};
 use crate::reason::Reason;
 
 /// Builds the base unless it exists; returns its digest.
@@ -58,8 +59,8 @@ pub async fn build(
     let mut pinned: BTreeMap<String, String> = BTreeMap::new();
     let mut hosts: Vec<String> = Vec::new();
     for image in dockerfile.images() {
-        let r: Reference = image.parse().map_err(|e| {
-            Failure::new(Reason::DockerfileInvalid, format!("FROM {image} is not an image reference: {e}"))
+        let r = reference::parse(image).map_err(|e| {
+            Failure::new(Reason::DockerfileInvalid, format!("FROM {image}: {}", crate::oci::error::chain(&e)))
         })?;
         let digest = resolve_from(client, &args.proxy_addr, image, &r, &pins).await?;
         result.from_digests.insert(image.to_string(), digest.clone());
@@ -106,7 +107,10 @@ pub async fn build(
         return Err(failure(&engine, &pushed, Reason::PushFailed, args));
     }
     result.timings.push_ms = Some(started.elapsed().as_millis() as u64);
-    let digest = std::fs::read_to_string(&spec.digest_file).map_err(io_failure)?.trim().to_string();
+    let digest = bounded::read_to_string(&spec.digest_file, bounded::DIGEST_FILE)
+        .map_err(|e| Failure::new(Reason::PushFailed, crate::oci::error::chain(&e)))?
+        .trim()
+        .to_string();
     result.base_built = true;
     // Local storage is a cache only; the pushed image is what counts.
     let _ = engine.remove(&spec).output().await;
@@ -126,15 +130,16 @@ fn read_dockerfile(args: &BuildArgs) -> Result<(std::path::PathBuf, String), Fai
             format!("{} is a directory, not a Dockerfile", path.display()),
         ));
     }
-    match std::fs::read_to_string(&path) {
+    match bounded::read_to_string(&path, bounded::DOCKERFILE) {
         Ok(text) => Ok((path, text)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Failure::new(
+        Err(e) if e.is_not_found() => Err(Failure::new(
             Reason::DockerfileNotFound,
             format!("no Dockerfile at {}: check the Dockerfile path of the ImageBuild", path.display()),
         )),
-        Err(e) => {
-            Err(Failure::new(Reason::DockerfileNotFound, format!("cannot read {}: {e}", path.display())))
+        Err(e @ bounded::Error::Read { .. }) => {
+            Err(Failure::new(Reason::DockerfileNotFound, crate::oci::error::chain(&e)))
         }
+        Err(e) => Err(Failure::new(Reason::DockerfileInvalid, e.to_string())),
     }
 }
 
@@ -142,10 +147,10 @@ fn parse_pins(list: &str) -> Result<Vec<Reference>, Failure> {
     list.split(|c: char| c == ',' || c.is_whitespace())
         .filter(|s| !s.is_empty())
         .map(|s| {
-            let r: Reference = s.parse().map_err(|e| {
+            let r = reference::parse(s).map_err(|e| {
                 Failure::new(
                     Reason::InvalidConfig,
-                    format!("BOB_FROM_REFS entry {s:?} is not an image reference: {e}"),
+                    format!("BOB_FROM_REFS: {}", crate::oci::error::chain(&e)),
                 )
             })?;
             if r.digest().is_none() {
@@ -229,7 +234,7 @@ fn failure(engine: &dyn Engine, f: &Finished, default: Reason, args: &BuildArgs)
             )
         };
     }
-    if let Some(d) = engine.diagnose(&f.tail) {
+    if let Some(d) = engine.diagnose(&f.tail, default) {
         // "STEP 3/5: RUN make" names the position of the failing step.
         let position =
             f.last_step.as_deref().and_then(|s| s.strip_prefix("STEP ")).and_then(|s| s.split(':').next());

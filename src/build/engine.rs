@@ -57,8 +57,10 @@ pub trait Engine: Send + Sync {
     fn push(&self, b: &EngineBuild) -> Command;
     /// The command that removes it from local storage.
     fn remove(&self, b: &EngineBuild) -> Command;
-    /// Explains a failed command from its last output lines (`None`: nothing recognised).
-    fn diagnose(&self, tail: &[String]) -> Option<Diagnosis>;
+    /// Explains a failed command from its last output lines: the engine's own error first in the
+    /// message, classified by it; an error it cannot classify gets `default` (the phase's reason).
+    /// `None`: the engine printed no error at all.
+    fn diagnose(&self, tail: &[String], default: Reason) -> Option<Diagnosis>;
 }
 
 /// How buildah isolates `RUN` steps.
@@ -146,19 +148,26 @@ impl Engine for Buildah {
         c
     }
 
-    fn diagnose(&self, tail: &[String]) -> Option<Diagnosis> {
-        diagnose_buildah(tail)
+    fn diagnose(&self, tail: &[String], default: Reason) -> Option<Diagnosis> {
+        diagnose_buildah(tail, default)
     }
 }
 
-/// Reads buildah 1.28's messages (`Error: building at STEP "RUN x": exit status 2`, ...).
-pub fn diagnose_buildah(tail: &[String]) -> Option<Diagnosis> {
+/// What bob tells the user after buildah's message when the fix is in the Dockerfile.
+const STAGE_HINT: &str = "a FROM names a stage that buildah does not know: buildah matches stage names exactly, \
+case included (every registry image is written fully qualified by bob)";
+const COPY_FROM_HINT: &str = "no stage has that name, and the build pulls only its FROM images (pinned to \
+their digests, through the proxy): name the image in a stage, `FROM <image> AS <name>`, and use `--from=<name>`";
+
+/// Reads buildah 1.28's messages: its last `Error:` line leads the message, and its words give the
+/// reason (`Error: building at STEP "RUN x": exit status 2` is the step's failure; a short name
+/// that did not resolve or `no stage or image found` is the Dockerfile's; `initializing source
+/// docker://` is a pull; anything else is `default`).
+pub fn diagnose_buildah(tail: &[String], default: Reason) -> Option<Diagnosis> {
+    use crate::build::result::shorten;
     let d = |reason, message: String| Some(Diagnosis { reason, message, step: None, exit_code: None });
     if let Some(l) = tail.iter().find(|l| l.contains("no space left on device")) {
-        return d(
-            Reason::DiskFull,
-            format!("no space left on device: {}", crate::build::result::shorten(l.trim(), 300)),
-        );
+        return d(Reason::DiskFull, format!("no space left on device: {}", shorten(l.trim(), 300)));
     }
     let error = tail.iter().rev().find(|l| l.starts_with("Error: "))?;
     let error = error.trim_start_matches("Error: ").trim();
@@ -185,18 +194,27 @@ pub fn diagnose_buildah(tail: &[String]) -> Option<Diagnosis> {
         };
         return Some(Diagnosis {
             reason,
-            message: format!("step `{step}`: {}", crate::build::result::shorten(after, 400)),
+            message: format!("step `{step}`: {}", shorten(after, 400)),
             step: Some(step),
             exit_code: None,
         });
     }
-    if error.starts_with("creating build container") || error.contains("initializing source") {
-        return d(Reason::BaseImagePullFailed, crate::build::result::shorten(error, 500));
+    let shown = shorten(error, 500);
+    // bob writes registry images fully qualified: a short name is a stage buildah did not find.
+    if error.contains("short-name \"") && error.contains("did not resolve") {
+        return d(Reason::DockerfileInvalid, format!("{shown} ({STAGE_HINT})"));
+    }
+    // `COPY --from=<image>`: not a stage, and not an image the build may pull.
+    if error.contains("no stage or image found with that name") {
+        return d(Reason::DockerfileInvalid, format!("{shown} ({COPY_FROM_HINT})"));
+    }
+    if error.contains("initializing source docker://") || error.starts_with("creating build container") {
+        return d(Reason::BaseImagePullFailed, shown);
     }
     if error.contains("parse") || error.contains("Dockerfile") {
-        return d(Reason::DockerfileInvalid, crate::build::result::shorten(error, 500));
+        return d(Reason::DockerfileInvalid, shown);
     }
-    None
+    d(default, format!("buildah: {shown}"))
 }
 
 /// The `registries.conf` that maps each `FROM` registry to the proxy's mirror route (`location`
@@ -228,31 +246,55 @@ mod tests {
         s.lines().map(String::from).collect()
     }
 
+    fn diagnose(text: &str) -> Option<Diagnosis> {
+        diagnose_buildah(&lines(text), Reason::EngineFailed)
+    }
+
     #[test]
     fn buildah_failures_are_diagnosed() {
-        let step = diagnose_buildah(&lines(
-            "STEP 3/3: RUN false\nError: building at STEP \"RUN false\": exit status 1",
-        ))
-        .unwrap();
+        let step =
+            diagnose("STEP 3/3: RUN false\nError: building at STEP \"RUN false\": exit status 1").unwrap();
         assert_eq!(
             (step.reason, step.step.as_deref(), step.exit_code),
             (Reason::BuildStepFailed, Some("RUN false"), Some(1))
         );
-        let oom = diagnose_buildah(&lines("Error: building at STEP \"RUN big\": exit status 137")).unwrap();
+        let oom = diagnose("Error: building at STEP \"RUN big\": exit status 137").unwrap();
         assert_eq!(oom.reason, Reason::OutOfMemory);
-        let bad = diagnose_buildah(&lines(
-            "Error: building at STEP \"FOO \": Build error: Unknown instruction: \"FOO\" &x",
-        ))
-        .unwrap();
+        let bad = diagnose("Error: building at STEP \"FOO \": Build error: Unknown instruction: \"FOO\" &x")
+            .unwrap();
         assert_eq!(bad.reason, Reason::DockerfileInvalid);
-        let pull =
-            diagnose_buildah(&lines("Error: creating build container: initializing source docker://x"))
-                .unwrap();
+        let pull = diagnose("Error: creating build container: initializing source docker://x").unwrap();
         assert_eq!(pull.reason, Reason::BaseImagePullFailed);
-        let disk =
-            diagnose_buildah(&lines("write /var/x: no space left on device\nError: exit status 1")).unwrap();
+        let disk = diagnose("write /var/x: no space left on device\nError: exit status 1").unwrap();
         assert_eq!(disk.reason, Reason::DiskFull);
-        assert_eq!(diagnose_buildah(&lines("all good")), None);
+        assert_eq!(diagnose("all good"), None);
+    }
+
+    /// buildah 1.28's own lines, as `tests/build_failures.rs` gets them from real builds.
+    #[test]
+    fn buildahs_error_leads_the_message_and_gives_the_reason() {
+        let stage = "creating build container: short-name \"build\" did not resolve to an alias and no \
+                     unqualified-search registries are defined in \"/tmp/b/registries.conf\"";
+        let d = diagnose(&format!("[2/2] STEP 1/2: FROM build\nError: {stage}")).unwrap();
+        assert_eq!(d.reason, Reason::DockerfileInvalid, "a stage buildah does not know is no pull failure");
+        assert!(d.message.starts_with(stage) && d.message.contains("case included"), "{}", d.message);
+
+        let copy = "COPY --from=reg.test/lib/other:1: no stage or image found with that name";
+        let d = diagnose(&format!("Trying to pull reg.test/lib/other:1...\nError: {copy}")).unwrap();
+        assert_eq!(d.reason, Reason::DockerfileInvalid);
+        assert!(d.message.starts_with(copy) && d.message.contains("FROM <image> AS <name>"), "{}", d.message);
+
+        // A local storage error mentions `initializing source` too: it is not a pull.
+        let local = "committing container for step {RUN true}: copying layers and metadata for container \
+                     \"eefb\": initializing source containers-storage:8af7-working-container: internal error: \
+                     history lists 2 non-empty layers, but we have 3 layers on disk";
+        let d = diagnose(&format!("Error: {local}")).unwrap();
+        assert_eq!((d.reason, d.message), (Reason::EngineFailed, format!("buildah: {local}")));
+        let push = diagnose_buildah(&lines("Error: writing blob: broken pipe"), Reason::PushFailed).unwrap();
+        assert_eq!(
+            (push.reason, push.message.as_str()),
+            (Reason::PushFailed, "buildah: writing blob: broken pipe")
+        );
     }
 
     #[test]

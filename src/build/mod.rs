@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::duration;
 use crate::oci::client::{Client, Kind};
-use crate::oci::{CredentialStore, Reference};
+use crate::oci::{CredentialStore, Reference, reference};
 use crate::reason::Reason;
 pub use engine::Isolation;
 pub use result::BuildResult;
@@ -115,11 +115,30 @@ impl BuildArgs {
     }
 }
 
+/// How long the engine gets to end its `RUN` steps when `bob build` is stopped (SIGTERM, SIGINT)
+/// before everything left is killed: well inside Kubernetes' default 30 s termination grace.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
 /// Runs the build, writes the result (termination file and last stdout line) and returns it.
+/// SIGTERM or SIGINT ends the engine and its steps and reports `Cancelled`; the processes below
+/// `bob build` have ended when it returns, on every path.
 pub async fn run(args: BuildArgs) -> BuildResult {
     let started = Instant::now();
     let mut result = BuildResult { version: 1, ..Default::default() };
-    if let Err(f) = execute(&args, &mut result).await {
+    let outcome = crate::process::supervise(STOP_GRACE, execute(&args, &mut result)).await;
+    let failure = match (outcome.value, outcome.signal) {
+        (Some(Ok(())), _) => None,
+        (Some(Err(f)), None) => Some(f),
+        // Stopped: whatever failed afterwards failed because of it; keep what it printed.
+        (value, signal) => Some(Failure {
+            log_tail: value.and_then(|v| v.err()).and_then(|f| f.log_tail),
+            ..Failure::new(
+                Reason::Cancelled,
+                format!("stopped by {} before the build finished", signal.unwrap_or("a signal")),
+            )
+        }),
+    };
+    if let Some(f) = failure {
         tracing::error!(reason = %f.reason, "{}", f.message);
         result.reason = Some(f.reason);
         result.message = Some(f.message);
@@ -137,13 +156,15 @@ pub async fn run(args: BuildArgs) -> BuildResult {
 }
 
 fn parse_ref(what: &str, value: &str) -> Result<Reference, Failure> {
-    value.parse().map_err(|e| {
-        Failure::new(Reason::InvalidConfig, format!("{what} {value:?} is not an image reference: {e}"))
-    })
+    reference::parse(value)
+        .map_err(|e| Failure::new(Reason::InvalidConfig, format!("{what}: {}", crate::oci::error::chain(&e))))
 }
 
 async fn execute(args: &BuildArgs, result: &mut BuildResult) -> Result<(), Failure> {
     let resolve = Instant::now();
+    // The proxy's address becomes the registry host of every ref below (and of the mirror's).
+    reference::check_host(&args.proxy_addr)
+        .map_err(|why| Failure::new(Reason::InvalidConfig, format!("BOB_PROXY_ADDR: {why}")))?;
     let base = parse_ref("BOB_BASE_REF", &args.base())?;
     let target = parse_ref("BOB_TARGET_REF", &args.target())?;
     wait_for_proxy(&args.proxy_addr, args.proxy_wait).await?;

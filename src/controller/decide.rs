@@ -14,7 +14,6 @@ use super::status::{self, PodState, observe};
 pub use super::step::*;
 use crate::build::BuildResult;
 use crate::crd::{BuildFailure, ImageBuild, ImageBuildStatus, ImageRef, Phase};
-use crate::oci::Reference;
 use crate::reason::Reason;
 
 /// Decides what to look at next, or what to do.
@@ -38,7 +37,7 @@ pub fn decide(ib: &ImageBuild, seen: &Observed, cfg: &Settings) -> Step {
         };
         let mut s = old;
         s.observed_generation = generation;
-        return Step::Act(finish(status::cancelled(s, tail, seen.now)));
+        return Step::Act(finish(status::cancelled(s, "cancelled (spec.cancel)", tail, seen.now)));
     }
     if current && old.pod_name.is_some() && matches!(old.phase, Some(Phase::Building | Phase::Verifying)) {
         return follow(old, seen, cfg);
@@ -192,7 +191,7 @@ fn follow(old: ImageBuildStatus, seen: &Observed, cfg: &Settings) -> Step {
 fn verify(mut s: ImageBuildStatus, result: &BuildResult, seen: &Observed) -> Step {
     let now = seen.now;
     let output = s.output.clone().unwrap_or_default();
-    let Ok(workspace) = output.reference.parse::<Reference>() else {
+    let Ok(workspace) = crate::oci::reference::parse(&output.reference) else {
         let message = format!("status.output.ref {:?} is not an image reference", output.reference);
         return Step::Act(finish(status::failed_with(s, Reason::Internal, message, now)));
     };

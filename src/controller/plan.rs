@@ -12,7 +12,7 @@ use crate::build::dockerfile::Dockerfile;
 use crate::crd::ImageBuild;
 use crate::duration;
 use crate::key::{self, BuildInputs, DockerfileSource as KeySource};
-use crate::oci::Reference;
+use crate::oci::{Reference, reference};
 use crate::reason::Reason;
 
 /// An ImageBuild the plan cannot build, naming the field.
@@ -149,9 +149,8 @@ pub fn from_images(ib: &ImageBuild, resolved: &Resolved) -> Result<Option<Vec<St
         .map_err(|e| Invalid::new(field, format!("invalid Dockerfile: {e}")))?;
     let mut out = Vec::new();
     for image in parsed.images() {
-        let r: Reference = image
-            .parse()
-            .map_err(|e| Invalid::new(field, format!("FROM {image} is not an image reference: {e}")))?;
+        let r = reference::parse(image)
+            .map_err(|e| Invalid::new(field, format!("FROM {image}: {}", crate::oci::error::chain(&e))))?;
         if r.digest().is_none() {
             out.push(image.to_string());
         }
@@ -266,6 +265,21 @@ pub fn plan(ib: &ImageBuild, resolved: &Resolved, cfg: &PlanConfig) -> Result<Pl
     Ok(Plan { inputs, key, base_ref, workspace_ref, workspace, from_refs, pod })
 }
 
+/// Checks the references the spec names (the source image, both repositories) before anything
+/// is resolved, so an invalid one costs no network request. (`FROM` images are checked by
+/// `from_images`, before they are resolved.)
+pub fn check_references(ib: &ImageBuild) -> Result<(), Invalid> {
+    let spec = &ib.spec;
+    repository("spec.workspaceImageRepository", &spec.workspace_image_repository)?;
+    if let Some(repo) = &spec.base_image_repository {
+        repository("spec.baseImageRepository", repo)?;
+    }
+    if let Some(image) = &spec.source.image {
+        parse_ref("spec.source.image.ref", &image.reference)?;
+    }
+    Ok(())
+}
+
 /// A repository as written, checked and without tag or digest.
 fn repository(field: &str, value: &str) -> Result<String, Invalid> {
     let last = value.rsplit('/').next().unwrap_or(value);
@@ -278,7 +292,7 @@ fn repository(field: &str, value: &str) -> Result<String, Invalid> {
 }
 
 fn parse_ref(field: &str, value: &str) -> Result<Reference, Invalid> {
-    value.parse().map_err(|e| Invalid::new(field, format!("{value:?} is not an image reference: {e}")))
+    reference::parse(value).map_err(|e| Invalid::new(field, crate::oci::error::chain(&e)))
 }
 
 /// `FROM` pins as `registry/repository:tag@digest`, the form both the proxy's mirror and
@@ -289,7 +303,7 @@ fn pinned_from_refs(inputs: Option<&BuildInputs>) -> Vec<String> {
         .from_digests
         .iter()
         .filter_map(|(image, digest)| {
-            let r: Reference = image.parse().ok()?;
+            let r = reference::parse(image).ok()?;
             let tag = r.tag().unwrap_or("latest");
             Some(format!("{}/{}:{tag}@{digest}", r.registry(), r.repository()))
         })

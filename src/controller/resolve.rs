@@ -7,9 +7,10 @@ use std::path::Path;
 use super::decide::Failure;
 use super::pod::GIT_CREDENTIAL_HELPER;
 use super::{Resolved, from_images};
+use crate::bounded;
 use crate::crd::{GitSource, ImageBuild};
-use crate::oci::Reference;
 use crate::oci::client::Client;
+use crate::oci::{Reference, reference};
 use crate::reason::Reason;
 
 /// A failure to resolve, with the status reason it maps to.
@@ -99,6 +100,7 @@ pub async fn resolve(
     git_auth: Option<&GitAuth>,
     scratch: &Path,
 ) -> Result<Resolved, Error> {
+    super::plan::check_references(ib).map_err(|e| fail(e.reason(), e.to_string()))?;
     let mut resolved = Resolved::default();
     if let Some(image) = &ib.spec.source.image {
         let r = parse(&image.reference)?;
@@ -108,11 +110,13 @@ pub async fn resolve(
         let sha = commit(git_source, git_auth).await?;
         checkout(&git_source.url, &sha, scratch, git_auth).await?;
         let path = git_source.dockerfile_path.as_deref().unwrap_or("Dockerfile");
-        let text = std::fs::read_to_string(scratch.join(path)).map_err(|e| {
-            fail(
-                Reason::DockerfileNotFound,
-                format!("no Dockerfile at {path} in {} at {sha}: {e}", git_source.url),
-            )
+        let text = bounded::read_to_string(&scratch.join(path), bounded::DOCKERFILE).map_err(|e| {
+            let (reason, what) = match e {
+                bounded::Error::Read { .. } => (Reason::DockerfileNotFound, "no Dockerfile at "),
+                _ => (Reason::DockerfileInvalid, ""),
+            };
+            let why = crate::oci::error::chain(&e);
+            fail(reason, format!("{what}{path} in {} at {sha}: {why}", git_source.url))
         })?;
         resolved.git_commit = Some(sha);
         resolved.git_dockerfile = Some(text);
@@ -126,7 +130,7 @@ pub async fn resolve(
 }
 
 fn parse(image: &str) -> Result<Reference, Error> {
-    image.parse().map_err(|e| fail(Reason::InvalidSpec, format!("{image:?} is not an image reference: {e}")))
+    reference::parse(image).map_err(|e| fail(Reason::InvalidSpec, crate::oci::error::chain(&e)))
 }
 
 async fn digest_of(client: &Client, r: &Reference, what: &str) -> Result<String, Error> {

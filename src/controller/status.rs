@@ -122,6 +122,23 @@ pub fn observe(pod: &Pod) -> PodState {
         }
         return match result {
             Some(r) if r.reason.is_none() && t.exit_code == 0 => PodState::Finished(Box::new(r)),
+            // bob build reports `Cancelled` when a signal stopped it: kubelet stopping the pod
+            // (a user's `spec.cancel` ends the ImageBuild before the pod is read), so the pod's
+            // fate is the reason, and it is worth a new pod.
+            Some(r) if r.reason == Some(Reason::Cancelled) => {
+                let reason = if pod.metadata.deletion_timestamp.is_some() {
+                    Reason::PodDeleted
+                } else {
+                    Reason::PodFailed
+                };
+                let message = r.message.unwrap_or_else(|| "bob build was stopped".into());
+                failure(
+                    reason,
+                    format!("the build container was stopped: {message}"),
+                    Some("build"),
+                    r.log_tail,
+                )
+            }
             Some(r) => failure(
                 r.reason.unwrap_or(Reason::PodFailed),
                 r.message.clone().unwrap_or_else(|| format!("bob build exited with code {}", t.exit_code)),
@@ -254,9 +271,13 @@ pub fn in_progress(
     s
 }
 
-/// `s` as Cancelled, with what the build had printed.
-pub fn cancelled(mut s: ImageBuildStatus, log_tail: Option<String>, now: Timestamp) -> ImageBuildStatus {
-    let message = "cancelled (spec.cancel)";
+/// `s` as Cancelled with `message` (who stopped it), with what the build had printed.
+pub fn cancelled(
+    mut s: ImageBuildStatus,
+    message: &str,
+    log_tail: Option<String>,
+    now: Timestamp,
+) -> ImageBuildStatus {
     s.phase = Some(Phase::Cancelled);
     s.reason = Some(Reason::Cancelled);
     s.message = Some(message.into());

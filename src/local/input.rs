@@ -13,15 +13,9 @@ use crate::crd::ImageBuild;
 /// Why the file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// It cannot be read.
-    #[error("cannot read {path}")]
-    Read {
-        /// The file.
-        path: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// It cannot be read, or it is larger than an ImageBuild file can be.
+    #[error(transparent)]
+    Read(#[from] crate::bounded::Error),
     /// It is not YAML.
     #[error("{path} is not valid YAML")]
     Yaml {
@@ -60,12 +54,10 @@ pub struct Input {
 }
 
 impl Input {
-    /// Reads and parses `path`.
+    /// Reads (at most `bounded::IMAGEBUILD_FILE`) and parses `path`.
     pub fn read(path: &Path) -> Result<Self, Error> {
-        let shown = path.display().to_string();
-        let text =
-            std::fs::read_to_string(path).map_err(|source| Error::Read { path: shown.clone(), source })?;
-        Self::parse(&text, &shown)
+        let text = crate::bounded::read_to_string(path, crate::bounded::IMAGEBUILD_FILE)?;
+        Self::parse(&text, &path.display().to_string())
     }
 
     /// Parses the text of a file named `path`.

@@ -7,7 +7,8 @@ pub mod input;
 pub mod pod;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -16,7 +17,8 @@ use crate::build::{BuildResult, Isolation};
 use crate::controller::resolve::{self, GitAuth};
 use crate::controller::{PlanConfig, plan, status};
 use crate::crd::{BuildFailure, ImageBuildStatus, ImageRef, Phase};
-use crate::oci::{CredentialStore, Reference};
+use crate::oci::client::Client;
+use crate::oci::{CredentialStore, reference};
 use crate::reason::Reason;
 use input::Input;
 
@@ -61,7 +63,14 @@ pub enum Error {
     Work(#[source] std::io::Error),
 }
 
-/// Runs the ImageBuild of `args.file`; the status says how it ended.
+/// How long the pod's containers get to end when `bob run` is stopped (SIGTERM, SIGINT) before
+/// everything left is killed: longer than `bob build`'s own grace, so the build can end its
+/// engine and report.
+pub const STOP_GRACE: Duration = Duration::from_secs(20);
+
+/// Runs the ImageBuild of `args.file`; the status says how it ended. SIGTERM or SIGINT ends the
+/// pod's containers and everything below them and returns a `Cancelled` status; the work
+/// directory is removed (unless `--work-dir` names it) after every process that used it ended.
 pub async fn run(args: RunArgs) -> Result<ImageBuildStatus, Error> {
     let input = Input::read(&args.file)?;
     let ib = &input.image_build;
@@ -76,15 +85,43 @@ pub async fn run(args: RunArgs) -> Result<ImageBuildStatus, Error> {
     let temp = tempfile::Builder::new().prefix("bob-run-").tempdir().map_err(Error::Work)?;
     let work = args.work_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
     std::fs::create_dir_all(work.join("source")).map_err(Error::Work)?;
-    let mut status = ImageBuildStatus {
+    let pending = ImageBuildStatus {
         phase: Some(Phase::Pending),
         observed_generation: ib.metadata.generation,
         start_time: Some(Time(Timestamp::now())),
         ..Default::default()
     };
+    let job = execute(&args, &input, &client, &docker_config, &work, pending.clone());
+    let outcome = crate::process::supervise(STOP_GRACE, job).await;
+    let status = match (outcome.value, outcome.signal) {
+        (Some(Ok(s)), None) => s,
+        (Some(Ok(s)), Some(_)) if s.phase == Some(Phase::Succeeded) => s,
+        (Some(Err(e)), None) => return Err(e),
+        (value, signal) => {
+            // What the run knew when it was stopped (the build's own report, if it made one).
+            let known = value.and_then(Result::ok).unwrap_or(pending);
+            let tail = known.failure.as_ref().and_then(|f| f.log_tail.clone());
+            let message = format!("stopped by {} before the build finished", signal.unwrap_or("a signal"));
+            status::cancelled(known, &message, tail, Timestamp::now())
+        }
+    };
+    // Every process that used the work directory has ended (`supervise`): remove it now.
+    drop(temp);
+    Ok(status)
+}
 
-    let git_auth = git_auth(&input);
-    let resolved = match resolve::resolve(ib, &client, git_auth.as_ref(), &work.join("source")).await {
+/// Resolves, plans and runs the build in `work`, from the `status` so far.
+async fn execute(
+    args: &RunArgs,
+    input: &Input,
+    client: &Client,
+    docker_config: &str,
+    work: &Path,
+    mut status: ImageBuildStatus,
+) -> Result<ImageBuildStatus, Error> {
+    let ib = &input.image_build;
+    let git_auth = git_auth(input);
+    let resolved = match resolve::resolve(ib, client, git_auth.as_ref(), &work.join("source")).await {
         Ok(r) => r,
         Err(e) => return Ok(failed(status, e.reason, e.message, None)),
     };
@@ -100,7 +137,7 @@ pub async fn run(args: RunArgs) -> Result<ImageBuildStatus, Error> {
     };
     status.cache_key = planned.key.clone();
     status.base_image = Some(ImageRef::new(&planned.base_ref, resolved.image_digest.clone()));
-    let workspace: Reference = planned.workspace_ref.parse().expect("planned refs parse");
+    let workspace = reference::parse(&planned.workspace_ref).expect("planned refs are checked refs");
     if !ib.spec.force_rebuild
         && let Ok(Some(digest)) = client.manifest_digest(&workspace).await
     {
@@ -118,10 +155,10 @@ pub async fn run(args: RunArgs) -> Result<ImageBuildStatus, Error> {
     if let Some(auth) = &ib.spec.registry_auth {
         secrets
             .entry(auth.secret_ref.name.clone())
-            .or_insert_with(|| BTreeMap::from([(".dockerconfigjson".into(), docker_config.clone())]));
+            .or_insert_with(|| BTreeMap::from([(".dockerconfigjson".into(), docker_config.to_string())]));
     }
     let bob = std::env::current_exe().map_err(Error::Work)?;
-    let outcome = match pod::run(&planned.pod, &secrets, &bob, &work).await {
+    let outcome = match pod::run(&planned.pod, &secrets, &bob, work).await {
         Ok(o) => o,
         Err(e) => return Ok(failed(status, Reason::InvalidSpec, crate::oci::error::chain(&e), None)),
     };
@@ -171,17 +208,20 @@ pub async fn run(args: RunArgs) -> Result<ImageBuildStatus, Error> {
     }
 }
 
-/// The docker config the run uses: the file's registry Secret, else a local one, else none.
+/// The docker config the run uses: the file's registry Secret, else a local one, else none;
+/// each at most `bounded::DOCKER_CONFIG`.
 fn registry_config(input: &Input, auth_file: Option<&PathBuf>) -> Result<String, Error> {
+    use crate::oci::credentials;
     if let Some(auth) = &input.image_build.spec.registry_auth
         && let Some(json) = input.secret_value(&auth.secret_ref.name, ".dockerconfigjson")
     {
+        let name = format!("Secret {}/.dockerconfigjson", auth.secret_ref.name);
+        crate::bounded::check(&name, json, crate::bounded::DOCKER_CONFIG)
+            .map_err(|e| Error::Credentials(e.into()))?;
         return Ok(json.to_string());
     }
-    match auth_file.cloned().or_else(crate::oci::credentials::default_docker_config) {
-        Some(p) => std::fs::read_to_string(&p).map_err(|source| {
-            Error::Credentials(crate::oci::credentials::Error::Read { path: p.clone(), source })
-        }),
+    match auth_file.cloned().or_else(credentials::default_docker_config) {
+        Some(p) => credentials::read_text(&p).map_err(Error::Credentials),
         None => Ok("{}".into()),
     }
 }

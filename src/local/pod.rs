@@ -75,7 +75,11 @@ pub async fn run(pod: &Pod, secrets: &Secrets, bob: &Path, work: &Path) -> Resul
         }
         let main = spec.containers.first().expect("a pod has a container");
         let exit = run_to_end(command(main, &volumes, secrets, bob, work)?).await;
-        let message = std::fs::read_to_string(termination_path(work, main)).ok();
+        let message = crate::bounded::read_to_string(
+            &termination_path(work, main),
+            crate::bounded::TERMINATION_MESSAGE,
+        )
+        .ok();
         let failed = match (&exit, &message) {
             (Err(why), None) => Some((main.name.clone(), why.clone())),
             _ => None,

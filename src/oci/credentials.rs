@@ -13,18 +13,14 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde::Deserialize;
 
+use crate::bounded;
+
 /// Errors of reading and parsing a docker config.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The file could not be read.
-    #[error("cannot read docker config {path}")]
-    Read {
-        /// The file that was read.
-        path: PathBuf,
-        /// Why reading failed.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The file (or inline value) cannot be read, or is larger than a docker config may be.
+    #[error(transparent)]
+    Read(#[from] crate::bounded::Error),
     /// The JSON is not a docker config.
     #[error("invalid docker config JSON")]
     Json(#[source] serde_json::Error),
@@ -251,6 +247,7 @@ impl CredentialStore {
 
     /// Credentials given inline (`BOB_AUTH`), fixed for the life of the process.
     pub fn inline(json: &str) -> Result<Self, Error> {
+        bounded::check("BOB_AUTH", json, bounded::DOCKER_CONFIG)?;
         Ok(Self::with(Source::Inline, DockerConfig::parse(json)?, None))
     }
 
@@ -286,10 +283,13 @@ impl CredentialStore {
     }
 }
 
+/// Reads a docker config file's text, at most `bounded::DOCKER_CONFIG`.
+pub fn read_text(path: &Path) -> Result<String, Error> {
+    Ok(bounded::read_to_string(path, bounded::DOCKER_CONFIG)?)
+}
+
 fn read_config(path: &Path) -> Result<DockerConfig, Error> {
-    let text =
-        std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
-    DockerConfig::parse(&text)
+    DockerConfig::parse(&read_text(path)?)
 }
 
 fn reload_if_changed(path: &Path, loaded: &mut Loaded) {
@@ -394,6 +394,6 @@ mod tests {
         assert_eq!(store.lookup("r.test"), (Some(basic("u2", "p2longer")), 1));
         std::fs::write(&path, "{half").unwrap();
         assert_eq!(store.lookup("r.test").0, Some(basic("u2", "p2longer")));
-        assert!(matches!(CredentialStore::file(dir.path().join("missing")), Err(Error::Read { .. })));
+        assert!(matches!(CredentialStore::file(dir.path().join("missing")), Err(Error::Read(_))));
     }
 }

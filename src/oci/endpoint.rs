@@ -7,6 +7,8 @@ use std::net::IpAddr;
 
 use url::Url;
 
+use super::reference;
+
 /// Where the registry API of a host is reached, and over which scheme.
 #[derive(Clone, Debug, Default)]
 pub struct Endpoints {
@@ -39,13 +41,13 @@ impl Endpoints {
     }
 
     /// The base URL (`scheme://api-host/`) of the registry named `host` in a reference.
+    ///
+    /// `host` comes from a reference checked by `reference::parse` (every reference a user gives
+    /// bob is), which refuses any host that would not make this URL: there is no fallback host.
     pub fn base_url(&self, host: &str) -> Url {
         let scheme = if self.is_plain_http(host) { "http" } else { "https" };
-        let api = api_host(host);
-        // A host from a parsed reference is always a valid authority, so this cannot fail;
-        // fall back to a URL that fails loudly at request time rather than panicking.
-        Url::parse(&format!("{scheme}://{api}/"))
-            .unwrap_or_else(|_| Url::parse("https://invalid.invalid/").expect("static URL"))
+        reference::registry_url(scheme, api_host(host))
+            .unwrap_or_else(|e| panic!("registry host {host:?} was not checked by reference::parse: {e}"))
     }
 
     /// Whether `url` is on the registry `host` itself (scheme, host and port), so it may get the
@@ -127,6 +129,13 @@ mod tests {
         assert!(!e.is_plain_http("other.test:5001"));
         assert_eq!(e.base_url("other.test:5000").as_str(), "http://other.test:5000/");
         assert_eq!(e.base_url("ghcr.io").as_str(), "https://ghcr.io/");
+    }
+
+    #[test]
+    #[should_panic(expected = "was not checked by reference::parse")]
+    fn an_unchecked_host_never_becomes_a_url_to_somewhere_else() {
+        // No fallback host: a host that skipped `reference::parse` is a bug, never a request.
+        Endpoints::default().base_url("127.0.0.1:99999");
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod credentials;
 pub mod endpoint;
 pub mod error;
 pub mod manifest;
+pub mod reference;
 pub mod token;
 pub mod transport;
 

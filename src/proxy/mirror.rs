@@ -11,14 +11,10 @@ use super::route::ManifestRef;
 use crate::oci::Reference;
 use crate::oci::credentials::normalize_key;
 
-/// Errors of parsing the mirror references.
+/// Errors of parsing the mirror references: one is invalid (the error names it).
 #[derive(Debug, thiserror::Error)]
-#[error("invalid mirror reference {value:?}")]
-pub struct Error {
-    value: String,
-    #[source]
-    source: oci_client::ParseError,
-}
+#[error(transparent)]
+pub struct Error(#[from] crate::oci::reference::Error);
 
 /// The references the mirror serves, and the digests learned from their manifests.
 #[derive(Debug, Default)]
@@ -33,7 +29,7 @@ impl MirrorPolicy {
         let refs = list
             .split(|c: char| c == ',' || c.is_whitespace())
             .filter(|s| !s.is_empty())
-            .map(|s| Reference::try_from(s).map_err(|source| Error { value: s.to_string(), source }))
+            .map(crate::oci::reference::parse)
             .collect::<Result<_, _>>()?;
         Ok(Self { refs, learned: Mutex::default() })
     }

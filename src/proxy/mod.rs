@@ -26,21 +26,19 @@ pub use handler::{AliasTarget, Proxy};
 
 use crate::duration;
 use crate::oci::transport::Transport;
-use crate::oci::{CredentialStore, Endpoints, Reference, credentials};
+use crate::oci::{CredentialStore, Endpoints, credentials};
 
 /// Configuration errors and failures of the proxy process.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An alias reference does not parse.
-    #[error("invalid {var} {value:?}")]
+    /// An alias reference is invalid.
+    #[error("invalid {var}")]
     Reference {
         /// The variable that holds it.
         var: &'static str,
-        /// The value given.
-        value: String,
-        /// Why it is invalid.
+        /// Why it is invalid (the error names the value).
         #[source]
-        source: oci_client::ParseError,
+        source: crate::oci::reference::Error,
     },
     /// The mirror references do not parse.
     #[error("invalid BOB_PROXY_MIRROR_REFS")]
@@ -185,9 +183,9 @@ impl ProxyArgs {
                 .as_deref()
                 .filter(|v| !v.trim().is_empty())
                 .map(|v| {
-                    Reference::try_from(v.trim())
+                    crate::oci::reference::parse(v.trim())
                         .map(|r| AliasTarget::from(&r))
-                        .map_err(|source| Error::Reference { var, value: v.to_string(), source })
+                        .map_err(|source| Error::Reference { var, source })
                 })
                 .transpose()
         };

@@ -91,6 +91,18 @@ impl Fixture {
     }
 }
 
+/// An ImageBuild YAML with `source` (YAML, indented for `spec.source`) plus the registry Secret,
+/// as `bob run -f` takes it.
+pub fn imagebuild_yaml(fx: &Fixture, name: &str, source: &str) -> String {
+    format!(
+        "apiVersion: bob.dev/v1alpha1\nkind: ImageBuild\nmetadata: {{name: {name}}}\nspec:\n  source:\n{source}\n  \
+         baseImageRepository: {reg}/base\n  workspaceImageRepository: {reg}/workspace\n  registryAuth: {{secretRef: {{name: reg}}}}\n\
+         ---\napiVersion: v1\nkind: Secret\nmetadata: {{name: reg}}\ntype: kubernetes.io/dockerconfigjson\nstringData:\n  .dockerconfigjson: '{creds}'\n",
+        reg = fx.reg.host,
+        creds = fx.creds
+    )
+}
+
 /// Runs `bob build` with only the build pod's variables (no credentials), plus `extra`.
 pub fn bob_build(
     proxy_addr: &str,
@@ -98,6 +110,26 @@ pub fn bob_build(
     storage: &Path,
     extra: &[(&str, &str)],
 ) -> (Output, BuildResult) {
+    let out = bob_build_command(proxy_addr, ctx, storage, extra).output().unwrap();
+    let result = last_result(&out.stdout, storage);
+    (out, result)
+}
+
+/// The result JSON that `bob build` printed as its last stdout line; checks that the termination
+/// message file holds the same.
+pub fn last_result(stdout: &[u8], storage: &Path) -> BuildResult {
+    let stdout = String::from_utf8_lossy(stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    let result: BuildResult =
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("last line {last:?}: {e}"));
+    let file = std::fs::read_to_string(storage.join("termination-log")).unwrap();
+    assert_eq!(file, last, "the termination message is the last stdout line");
+    assert!(file.len() <= 4096);
+    result
+}
+
+/// The `bob build` command with only the build pod's variables (no credentials), plus `extra`.
+pub fn bob_build_command(proxy_addr: &str, ctx: &Path, storage: &Path, extra: &[(&str, &str)]) -> Command {
     std::fs::create_dir_all(storage).unwrap();
     let mut c = Command::new(env!("CARGO_BIN_EXE_bob"));
     c.arg("build").env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
@@ -114,15 +146,7 @@ pub fn bob_build(
     for (k, v) in extra {
         c.env(k, v);
     }
-    let out = c.output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().unwrap_or_default();
-    let result: BuildResult =
-        serde_json::from_str(last).unwrap_or_else(|e| panic!("last line {last:?}: {e}"));
-    let file = std::fs::read_to_string(storage.join("termination-log")).unwrap();
-    assert_eq!(file, last, "the termination message is the last stdout line");
-    assert!(file.len() <= 4096);
-    (out, result)
+    c
 }
 
 pub fn text(b: &[u8]) -> String {

@@ -308,3 +308,33 @@ pub fn read_all(mut r: impl Read) -> String {
     let _ = r.read_to_string(&mut s);
     s
 }
+
+/// Address space a `bob` run by `bob_bounded` may use: far above what it needs (about 200 MiB
+/// here), far below what an unbounded read of `/dev/zero` takes, so such a read dies instead of
+/// taking the machine's memory, and the test sees it.
+pub const ADDRESS_SPACE_KIB: u32 = 1024 * 1024;
+
+/// Runs `bob` with a clean environment (plus `env`) and a bounded address space, for a command
+/// that must end by itself: one still running after a minute (e.g. a proxy that accepted bad
+/// configuration and serves) is killed and reported.
+pub fn bob_bounded(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(format!("ulimit -v {ADDRESS_SPACE_KIB} && exec \"$0\" \"$@\""));
+    c.arg(env!("CARGO_BIN_EXE_bob")).args(args);
+    c.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default()).env("HOME", "/nonexistent");
+    c.env("RUST_LOG", "off");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("bob {args:?} still runs after a minute:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
