@@ -26,10 +26,7 @@ fn main() -> ExitCode {
             Command::Run(args) => {
                 let status = bob::local::run(args).await?;
                 print!("{}", serde_saphyr::to_string(&serde_json::json!({ "status": status }))?);
-                if status.phase != Some(bob::crd::Phase::Succeeded) {
-                    let reason = status.reason.map(|r| r.to_string()).unwrap_or_default();
-                    anyhow::bail!("run failed: {reason}: {}", status.message.unwrap_or_default());
-                }
+                bob::local::outcome(&status)?;
             }
             Command::Build(args) => {
                 let result = bob::build::run(args).await;
@@ -51,5 +48,8 @@ fn main() -> ExitCode {
 
 /// The exit code for an error: the subcommand's own classes where it has them, else 1.
 fn exit_code(e: &anyhow::Error) -> u8 {
+    if let Some(run) = e.downcast_ref::<bob::local::NotSucceeded>() {
+        return run.code;
+    }
     e.downcast_ref::<bob::copy::Error>().map_or(1, bob::copy::Error::exit_code)
 }

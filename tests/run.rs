@@ -164,11 +164,106 @@ async fn failures_end_in_a_failed_status_with_reason_and_log_tail() {
     let last = text(&out.stderr).lines().last().unwrap_or_default().to_string();
     assert!(last.starts_with("bob: run failed: BuildStepFailed: "), "{last}");
 
-    // A spec the plan rejects names the field; nothing runs.
+    // A spec the API server would refuse is refused as it would be: one line naming the field;
+    // nothing runs.
     let bad = imagebuild_yaml(&fx, "bad", &format!("    image: {{ref: \"{}\"}}", fx.from))
         .replace("/workspace\n", "/workspace:latest\n");
-    let (out, status) = bob_run(&fx, "bad", &bad);
-    assert!(!out.status.success());
-    assert_eq!(status["reason"], "InvalidSpec");
-    assert!(status["message"].as_str().unwrap().starts_with("spec.workspaceImageRepository: "), "{status:#}");
+    let out = bob_run_file(fx.dir.path(), &bad);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(out.stdout.is_empty() && err.contains("spec.workspaceImageRepository"), "{err}");
+}
+
+/// `bob run -f` on `yaml` without a registry fixture; returns the output.
+fn bob_run_file(dir: &Path, yaml: &str) -> Output {
+    let file = write_file(dir, "ib.yaml", yaml);
+    Command::new(env!("CARGO_BIN_EXE_bob"))
+        .args(["run", "-f"])
+        .arg(&file)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", dir)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn bob_run_refuses_what_the_api_server_would_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = "apiVersion: bob.dev/v1alpha1\nkind: ImageBuild\nmetadata: {name: x}\nspec:\n  workspaceImageRepository: 127.0.0.1:1/ws\n";
+    let cases = [
+        (
+            "  source: {image: {ref: \"127.0.0.1:1/a:1\"}}\n  forceRebuidl: true\n",
+            "unknown field \"spec.forceRebuidl\"",
+        ),
+        (
+            "  source: {image: {ref: \"127.0.0.1:1/a:1\"}, dockerfile: {inline: \"FROM x\"}}\n  baseImageRepository: 127.0.0.1:1/b\n",
+            "exactly one of image or dockerfile",
+        ),
+        (
+            "  source: {image: {ref: \"127.0.0.1:1/a:1\"}}\n  forceRebuild: \"yes\"\n",
+            "must be of type boolean",
+        ),
+    ];
+    for (spec, needle) in cases {
+        let out = bob_run_file(dir.path(), &format!("{base}{spec}"));
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{spec}: {err}");
+        assert!(out.stdout.is_empty(), "no status for an ImageBuild the API server would not take");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(err.contains(needle) && err.contains("the API server would refuse it"), "{needle}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registry_that_does_not_answer_the_cache_check_is_a_wait_not_a_miss() {
+    let fx = Fixture::new().await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let yaml = imagebuild_yaml(&fx, "down", &format!("    image: {{ref: \"{}\"}}", fx.from)).replace(
+        &format!("workspaceImageRepository: {}/workspace", fx.reg.host),
+        &format!("workspaceImageRepository: {closed}/ws"),
+    );
+    let file = write_file(fx.dir.path(), "down.yaml", &yaml);
+    let out = Command::new(env!("CARGO_BIN_EXE_bob"))
+        .args(["run", "-f"])
+        .arg(&file)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", fx.dir.path())
+        .output()
+        .unwrap();
+    let doc: Value = serde_saphyr::from_str(&text(&out.stdout)).unwrap();
+    let status = &doc["status"];
+    assert_eq!(out.status.code(), Some(75), "a wait, not a failure: {}", text(&out.stderr));
+    assert_eq!(
+        (status["phase"].as_str(), status["reason"].as_str()),
+        (Some("Pending"), Some("RegistryUnavailable"))
+    );
+    assert!(status["message"].as_str().unwrap().contains(&closed.to_string()), "{status:#}");
+    assert!(status.get("podName").is_none(), "nothing was built: {status:#}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_clone_reads_as_the_controller_reads_it() {
+    use k8s_openapi::api::core::v1::Pod;
+    let dir = tempfile::tempdir().unwrap();
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "bob-build-x-1"},
+        "spec": {"restartPolicy": "Never",
+            "initContainers": [{"name": "clone", "command": ["sh", "-c", "echo fetching; echo 'fatal: repository not found' >&2; exit 128"],
+                                "terminationMessagePolicy": "FallbackToLogsOnError"}],
+            "containers": [{"name": "build", "command": ["sh", "-c", "echo never"]}]}}))
+    .unwrap();
+    let bob = std::path::PathBuf::from(env!("CARGO_BIN_EXE_bob"));
+    let status = bob::local::pod::run(&pod, &Default::default(), &bob, dir.path()).await.unwrap();
+    let ran = Pod { status: Some(status), ..pod };
+    let bob::controller::status::PodState::Failed(f) = bob::controller::status::observe(&ran) else {
+        panic!("a failed clone is a failed build: {ran:?}")
+    };
+    assert_eq!(f.reason, bob::reason::Reason::SourceFetchFailed);
+    assert_eq!(
+        (f.container.as_deref(), f.message.as_str()),
+        (Some("clone"), "container clone failed with exit code 128")
+    );
+    assert!(f.log_tail.unwrap().contains("repository not found"), "its log is the evidence");
 }

@@ -118,12 +118,7 @@ impl<'a> Cluster<'a> {
             }
         }
         let client = self.registry.clone()?;
-        Some(
-            client
-                .manifest_digest(r)
-                .await
-                .map_err(|e| Failure::new(resolve::registry_reason(&e), crate::oci::error::chain(&e))),
-        )
+        Some(resolve::lookup(&client, r).await)
     }
 
     /// Whether a build slot is free for a new pod (joining a running pod needs none).

@@ -158,3 +158,11 @@ pub fn registry_reason(e: &crate::oci::client::Error) -> Reason {
         _ => Reason::RegistryUnavailable,
     }
 }
+
+/// Which digest a registry has at `r`, as the decision reads it (a failure with its reason).
+pub async fn lookup(client: &Client, r: &Reference) -> super::decide::Lookup {
+    client
+        .manifest_digest(r)
+        .await
+        .map_err(|e| Failure::new(registry_reason(&e), crate::oci::error::chain(&e)))
+}

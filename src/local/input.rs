@@ -33,6 +33,14 @@ pub enum Error {
         /// How many there are.
         found: usize,
     },
+    /// The API server would refuse the ImageBuild (unknown fields, the CRD's rules).
+    #[error("the ImageBuild in {path} is invalid (the API server would refuse it): {reasons}")]
+    Refused {
+        /// The file.
+        path: String,
+        /// What is wrong, in the API server's words.
+        reasons: String,
+    },
     /// The ImageBuild does not match the schema.
     #[error("the ImageBuild in {path} does not match the schema")]
     Schema {
@@ -68,6 +76,13 @@ impl Input {
         let [doc] = builds.as_slice() else {
             return Err(Error::Count { path: path.into(), found: builds.len() });
         };
+        if doc["apiVersion"] != "bob.dev/v1alpha1" {
+            return Err(Error::Count { path: path.into(), found: 0 });
+        }
+        let refused = super::validate::refusals(doc);
+        if !refused.is_empty() {
+            return Err(Error::Refused { path: path.into(), reasons: refused.join("; ") });
+        }
         let mut image_build: ImageBuild = serde_json::from_value((*doc).clone())
             .map_err(|source| Error::Schema { path: path.into(), source })?;
         image_build.metadata.namespace.get_or_insert_with(|| "default".into());
@@ -126,6 +141,6 @@ spec:
             Err(Error::Count { found: 0, .. })
         ));
         let bad = "apiVersion: bob.dev/v1alpha1\nkind: ImageBuild\nmetadata: {name: x}\nspec: {source: {}}\n";
-        assert!(matches!(Input::parse(bad, "f"), Err(Error::Schema { .. })));
+        assert!(matches!(Input::parse(bad, "f"), Err(Error::Refused { .. })));
     }
 }

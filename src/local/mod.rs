@@ -5,22 +5,25 @@
 
 pub mod input;
 pub mod pod;
+pub mod validate;
+pub mod world;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
-use crate::build::{BuildResult, Isolation};
-use crate::controller::resolve::{self, GitAuth};
-use crate::controller::{PlanConfig, plan, status};
-use crate::crd::{BuildFailure, ImageBuildStatus, ImageRef, Phase};
-use crate::oci::client::Client;
-use crate::oci::{CredentialStore, reference};
-use crate::reason::Reason;
+use crate::build::Isolation;
+use crate::controller::decide::{Failure, Next, Settings};
+use crate::controller::{PlanConfig, Policy, engine, status};
+use crate::crd::{ImageBuildStatus, Phase};
 use input::Input;
+use world::Laptop;
+
+/// The queue time limit when the spec sets none (as the controller's default). A run that has to
+/// wait (a Secret, a registry) ends with the waiting status instead; the limit ends a run only
+/// through a retry's backoff.
+const QUEUE_TIMEOUT: Duration = Duration::from_secs(1800);
 
 /// `bob run` options.
 #[derive(clap::Args, Clone, Debug)]
@@ -52,15 +55,41 @@ pub enum Error {
     /// The credentials cannot be read.
     #[error("cannot read registry credentials")]
     Credentials(#[source] crate::oci::credentials::Error),
-    /// The registry client cannot be built.
-    #[error("cannot build the registry client")]
-    Client(#[source] crate::oci::transport::Error),
     /// Building a Dockerfile needs root (buildah).
     #[error("bob run builds Dockerfiles with buildah, which needs root: run it as root (sudo)")]
     NotRoot,
     /// No scratch directory.
     #[error("cannot create a work directory")]
     Work(#[source] std::io::Error),
+    /// The decision did not converge (a bug).
+    #[error("bob run did not come to a decision")]
+    Stuck(#[source] engine::Stuck),
+}
+
+/// A run that did not succeed: the status said why, and the exit code says how.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {reason}: {message}")]
+pub struct NotSucceeded {
+    /// 75 (EX_TEMPFAIL) when the run waits for something (a Secret, a registry: run it again
+    /// later), 1 when it failed or was cancelled.
+    pub code: u8,
+    what: &'static str,
+    reason: String,
+    message: String,
+}
+
+/// `Ok` when the run succeeded, else how it did not.
+pub fn outcome(status: &ImageBuildStatus) -> Result<(), NotSucceeded> {
+    let (code, what) = match status.phase {
+        Some(Phase::Succeeded) => return Ok(()),
+        Some(p) if p.is_terminal() => (1, "run failed"),
+        _ => (75, "run stopped while waiting (run it again once this is fixed)"),
+    };
+    let reason = status
+        .reason
+        .map(|r| r.to_string())
+        .unwrap_or_else(|| format!("{:?}", status.phase.unwrap_or_default()));
+    Err(NotSucceeded { code, what, reason, message: status.message.clone().unwrap_or_default() })
 }
 
 /// How long the pod's containers get to end when `bob run` is stopped (SIGTERM, SIGINT) before
@@ -78,28 +107,22 @@ pub async fn run(args: RunArgs) -> Result<ImageBuildStatus, Error> {
         return Err(Error::NotRoot);
     }
     let docker_config = registry_config(&input, args.auth_file.as_ref())?;
-    let creds = CredentialStore::inline(&docker_config).map_err(Error::Credentials)?;
-    let timeout = std::time::Duration::from_secs(120);
-    let client = crate::oci::client::Client::connect(creds, &args.insecure_registries, timeout, None)
-        .map_err(Error::Client)?;
     let temp = tempfile::Builder::new().prefix("bob-run-").tempdir().map_err(Error::Work)?;
     let work = args.work_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
     std::fs::create_dir_all(work.join("source")).map_err(Error::Work)?;
-    let pending = ImageBuildStatus {
-        phase: Some(Phase::Pending),
-        observed_generation: ib.metadata.generation,
-        start_time: Some(Time(Timestamp::now())),
-        ..Default::default()
+    let mut status = ImageBuildStatus::default();
+    let job = async {
+        let result = execute(&args, &input, Ok(docker_config), &work, &mut status).await;
+        (result, status.clone())
     };
-    let job = execute(&args, &input, &client, &docker_config, &work, pending.clone());
     let outcome = crate::process::supervise(STOP_GRACE, job).await;
     let status = match (outcome.value, outcome.signal) {
-        (Some(Ok(s)), None) => s,
-        (Some(Ok(s)), Some(_)) if s.phase == Some(Phase::Succeeded) => s,
-        (Some(Err(e)), None) => return Err(e),
+        (Some((Ok(()), s)), None) => s,
+        (Some((Ok(()), s)), Some(_)) if s.phase == Some(Phase::Succeeded) => s,
+        (Some((Err(e), _)), None) => return Err(e),
         (value, signal) => {
             // What the run knew when it was stopped (the build's own report, if it made one).
-            let known = value.and_then(Result::ok).unwrap_or(pending);
+            let known = value.map(|(_, s)| s).unwrap_or_default();
             let tail = known.failure.as_ref().and_then(|f| f.log_tail.clone());
             let message = format!("stopped by {} before the build finished", signal.unwrap_or("a signal"));
             status::cancelled(known, &message, tail, Timestamp::now())
@@ -110,102 +133,54 @@ pub async fn run(args: RunArgs) -> Result<ImageBuildStatus, Error> {
     Ok(status)
 }
 
-/// Resolves, plans and runs the build in `work`, from the `status` so far.
+/// Drives the controller's engine on this machine until the ImageBuild is terminal, or waits for
+/// something only time or a change elsewhere can bring (then the run ends with that status).
 async fn execute(
     args: &RunArgs,
     input: &Input,
-    client: &Client,
-    docker_config: &str,
+    docker_config: Result<String, Failure>,
     work: &Path,
-    mut status: ImageBuildStatus,
-) -> Result<ImageBuildStatus, Error> {
-    let ib = &input.image_build;
-    let git_auth = git_auth(input);
-    let resolved = match resolve::resolve(ib, client, git_auth.as_ref(), &work.join("source")).await {
-        Ok(r) => r,
-        Err(e) => return Ok(failed(status, e.reason, e.message, None)),
-    };
+    status: &mut ImageBuildStatus,
+) -> Result<(), Error> {
+    let mut ib = input.image_build.clone();
+    ib.status = Some(status.clone());
     let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port());
-    let cfg = PlanConfig {
+    let plan = PlanConfig {
         proxy_port: port.map_err(Error::Work)?,
         isolation: args.isolation,
+        insecure_registries: args.insecure_registries.clone(),
         ..Default::default()
     };
-    let planned = match plan(ib, &resolved, &cfg) {
-        Ok(p) => p,
-        Err(e) => return Ok(failed(status, e.reason(), e.to_string(), None)),
+    let settings = Settings {
+        plan,
+        policy: Policy::default(),
+        queue_timeout: QUEUE_TIMEOUT,
+        max_concurrent_builds: None,
     };
-    status.cache_key = planned.key.clone();
-    status.base_image = Some(ImageRef::new(&planned.base_ref, resolved.image_digest.clone()));
-    let workspace = reference::parse(&planned.workspace_ref).expect("planned refs are checked refs");
-    if !ib.spec.force_rebuild
-        && let Ok(Some(digest)) = client.manifest_digest(&workspace).await
-    {
-        status.cache_hit = Some(true);
-        status.output = Some(ImageRef::new(&planned.workspace_ref, Some(digest)));
-        return Ok(succeeded(status, Reason::CacheHit, "the workspace image exists; nothing was built"));
-    }
-    status.cache_hit = Some(false);
-    status.phase = Some(Phase::Building);
-    status.pod_name = planned.pod.metadata.name.clone();
-    status.attempts = Some(1);
-    tracing::info!(base = %planned.base_ref, workspace = %planned.workspace_ref, "building");
-
-    let mut secrets = input.secrets.clone();
-    if let Some(auth) = &ib.spec.registry_auth {
-        secrets
-            .entry(auth.secret_ref.name.clone())
-            .or_insert_with(|| BTreeMap::from([(".dockerconfigjson".into(), docker_config.to_string())]));
-    }
     let bob = std::env::current_exe().map_err(Error::Work)?;
-    let outcome = match pod::run(&planned.pod, &secrets, &bob, work).await {
-        Ok(o) => o,
-        Err(e) => return Ok(failed(status, Reason::InvalidSpec, crate::oci::error::chain(&e), None)),
-    };
-    if let Some((container, why)) = outcome.failed {
-        let reason = if container == "clone" { Reason::SourceFetchFailed } else { Reason::Internal };
-        return Ok(failed(status, reason, format!("container {container} {why}"), Some(container)));
-    }
-    let result: Option<BuildResult> =
-        outcome.termination_message.as_deref().and_then(|m| serde_json::from_str(m).ok());
-    let Some(result) = result else {
-        return Ok(failed(
-            status,
-            Reason::Internal,
-            "the build container wrote no result".into(),
-            Some("build".into()),
-        ));
-    };
-    if let Some(reason) = result.reason {
-        let mut s = failed(status, reason, result.message.clone().unwrap_or_default(), Some("build".into()));
-        if let Some(f) = s.failure.as_mut() {
-            f.log_tail = result.log_tail;
+    let mut laptop = Laptop::new(input, docker_config, &args.insecure_registries, work, bob);
+    // Each round is one reconcile; a build needs at most a few (plan and run, then verify), and a
+    // retry a few more.
+    for _ in 0..4 * settings.policy.max_attempts.max(1) + 4 {
+        let t = engine::run(&ib, &settings, &mut laptop, Timestamp::now()).await.map_err(Error::Stuck)?;
+        if let Some(s) = t.status {
+            *status = s.clone();
+            ib.status = Some(s);
         }
-        return Ok(s);
-    }
-    status.phase = Some(Phase::Verifying);
-    if let Some(base) = status.base_image.as_mut() {
-        *base = ImageRef::new(&planned.base_ref, result.base_digest.clone());
-    }
-    match client.manifest_digest(&workspace).await {
-        Ok(Some(d)) if Some(&d) == result.target_digest.as_ref() => {
-            status.output = Some(ImageRef::new(&planned.workspace_ref, Some(d)));
-            Ok(succeeded(status, Reason::Built, "built and verified in the registry"))
-        }
-        other => {
-            let found = match other {
-                Ok(Some(d)) => format!("digest {d}"),
-                Ok(None) => "nothing".into(),
-                Err(e) => crate::oci::error::chain(&e),
-            };
-            let want = result.target_digest.unwrap_or_default();
-            let msg = format!(
-                "the build reported {want} but the registry has {found} at {}",
-                planned.workspace_ref
-            );
-            Ok(failed(status, Reason::VerifyFailed, msg, None))
+        let waiting_for_retry = status.next_attempt_at.is_some() && status.phase == Some(Phase::Pending);
+        match (t.next, status.phase) {
+            (Next::Change, _) => return Ok(()),
+            // The pod ran to its end already: look at it now.
+            (Next::After(_), Some(Phase::Building)) => {}
+            (Next::After(wait), _) if waiting_for_retry => {
+                tracing::info!(seconds = wait.as_secs(), "{}", status.message.as_deref().unwrap_or(""));
+                tokio::time::sleep(wait).await;
+            }
+            // Waiting for a Secret, a registry, ...: a laptop does not wait half an hour.
+            (Next::After(_), _) => return Ok(()),
         }
     }
+    Err(Error::Stuck(crate::controller::engine::Stuck { need: "more rounds than a build takes".into() }))
 }
 
 /// The docker config the run uses: the file's registry Secret, else a local one, else none;
@@ -224,26 +199,4 @@ fn registry_config(input: &Input, auth_file: Option<&PathBuf>) -> Result<String,
         Some(p) => credentials::read_text(&p).map_err(Error::Credentials),
         None => Ok("{}".into()),
     }
-}
-
-fn git_auth(input: &Input) -> Option<GitAuth> {
-    let git = input.image_build.spec.source.dockerfile.as_ref()?.git.as_ref()?;
-    let name = &git.credentials_secret_ref.as_ref()?.name;
-    Some(GitAuth {
-        username: input.secret_value(name, "username")?.to_string(),
-        password: crate::oci::Secret::new(input.secret_value(name, "password")?),
-    })
-}
-
-fn succeeded(s: ImageBuildStatus, reason: Reason, message: &str) -> ImageBuildStatus {
-    status::succeeded(s, reason, message, Timestamp::now())
-}
-
-fn failed(
-    s: ImageBuildStatus,
-    reason: Reason,
-    message: String,
-    container: Option<String>,
-) -> ImageBuildStatus {
-    status::failed(s, BuildFailure { reason, message, container, log_tail: None }, Timestamp::now())
 }

@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus, Pod,
+    PodStatus,
+};
 use tokio::process::{Child, Command};
 
 /// Why the pod could not run.
@@ -33,15 +36,6 @@ pub enum Error {
     },
 }
 
-/// How the pod ended.
-#[derive(Debug)]
-pub struct Outcome {
-    /// The container that failed before the main container ended, and why.
-    pub failed: Option<(String, String)>,
-    /// The main container's termination message.
-    pub termination_message: Option<String>,
-}
-
 /// Secret data by Secret name.
 pub type Secrets = BTreeMap<String, BTreeMap<String, String>>;
 
@@ -51,46 +45,120 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
 }
 
 /// Runs `pod` with its volumes under `work`; `bob` is the binary that stands in for the image's.
-pub async fn run(pod: &Pod, secrets: &Secrets, bob: &Path, work: &Path) -> Result<Outcome, Error> {
+/// Returns the pod's status as a kubelet would report it — each container's exit code and
+/// termination message (the file, or the log tail for `FallbackToLogsOnError`) — so the
+/// controller's own reading of a pod (`status::observe`) says how the build ended.
+pub async fn run(pod: &Pod, secrets: &Secrets, bob: &Path, work: &Path) -> Result<PodStatus, Error> {
     let spec = pod.spec.clone().unwrap_or_default();
     let volumes = prepare_volumes(pod, secrets, work)?;
     let mut sidecars: Vec<Child> = Vec::new();
+    let mut inits = Vec::new();
     let result = async {
         for c in spec.init_containers.iter().flatten() {
             let cmd = command(c, &volumes, secrets, bob, work)?;
             if c.restart_policy.as_deref() == Some("Always") {
-                let log =
-                    std::fs::File::create(work.join(format!("{}.log", c.name))).map_err(io("a log file"))?;
+                let log = std::fs::File::create(log_path(work, c)).map_err(io("a log file"))?;
                 let mut cmd = cmd;
                 cmd.stdout(Stdio::null()).stderr(log).kill_on_drop(true);
                 sidecars.push(cmd.spawn().map_err(io(format!("container {}", c.name)))?);
-                if let Err(why) =
-                    startup(c, &volumes, secrets, bob, work, sidecars.last_mut().expect("pushed")).await?
-                {
-                    return Ok(Outcome { failed: Some((c.name.clone(), why)), termination_message: None });
+                let child = sidecars.last_mut().expect("pushed");
+                if let Err(why) = startup(c, &volumes, secrets, bob, work, child).await? {
+                    tracing::warn!(container = %c.name, "{why}");
+                    inits.push(crashing(c, &log_tail(work, c)));
+                    return Ok(finished("Failed", inits, Vec::new()));
                 }
-            } else if let Err(why) = run_to_end(cmd).await {
-                return Ok(Outcome { failed: Some((c.name.clone(), why)), termination_message: None });
+                inits.push(state(
+                    c,
+                    ContainerState { running: Some(Default::default()), ..Default::default() },
+                ));
+            } else {
+                let ended = run_to_end(cmd, Some(&log_path(work, c))).await;
+                let message = termination_message(work, c, ended.exit_code != 0);
+                inits.push(terminated(c, ended, message));
+                if inits.last().is_some_and(failed) {
+                    return Ok(finished("Failed", inits, Vec::new()));
+                }
             }
         }
         let main = spec.containers.first().expect("a pod has a container");
-        let exit = run_to_end(command(main, &volumes, secrets, bob, work)?).await;
-        let message = crate::bounded::read_to_string(
-            &termination_path(work, main),
-            crate::bounded::TERMINATION_MESSAGE,
-        )
-        .ok();
-        let failed = match (&exit, &message) {
-            (Err(why), None) => Some((main.name.clone(), why.clone())),
-            _ => None,
-        };
-        Ok(Outcome { failed, termination_message: message })
+        let ended = run_to_end(command(main, &volumes, secrets, bob, work)?, None).await;
+        let message = termination_message(work, main, ended.exit_code != 0);
+        let phase = if ended.exit_code == 0 { "Succeeded" } else { "Failed" };
+        Ok(finished(phase, inits, vec![terminated(main, ended, message)]))
     }
     .await;
     for mut s in sidecars {
         stop(&mut s).await;
     }
     result
+}
+
+fn finished(phase: &str, inits: Vec<ContainerStatus>, mains: Vec<ContainerStatus>) -> PodStatus {
+    PodStatus {
+        phase: Some(phase.into()),
+        init_container_statuses: Some(inits),
+        container_statuses: Some(mains),
+        ..Default::default()
+    }
+}
+
+fn failed(c: &ContainerStatus) -> bool {
+    c.state.as_ref().and_then(|s| s.terminated.as_ref()).is_some_and(|t| t.exit_code != 0)
+}
+
+fn state(c: &Container, state: ContainerState) -> ContainerStatus {
+    ContainerStatus {
+        name: c.name.clone(),
+        image: c.image.clone().unwrap_or_default(),
+        state: Some(state),
+        ..Default::default()
+    }
+}
+
+fn terminated(c: &Container, ended: Ended, message: Option<String>) -> ContainerStatus {
+    let reason = if ended.exit_code == 0 { "Completed" } else { "Error" };
+    let t = ContainerStateTerminated {
+        exit_code: ended.exit_code,
+        reason: Some(reason.into()),
+        message: message.or(ended.error),
+        ..Default::default()
+    };
+    state(c, ContainerState { terminated: Some(t), ..Default::default() })
+}
+
+/// A sidecar that did not start: what a kubelet shows for a container that keeps crashing.
+fn crashing(c: &Container, tail: &str) -> ContainerStatus {
+    let waiting = ContainerStateWaiting { reason: Some("CrashLoopBackOff".into()), ..Default::default() };
+    let last =
+        ContainerStateTerminated { exit_code: 1, message: Some(tail.to_string()), ..Default::default() };
+    ContainerStatus {
+        last_state: Some(ContainerState { terminated: Some(last), ..Default::default() }),
+        ..state(c, ContainerState { waiting: Some(waiting), ..Default::default() })
+    }
+}
+
+/// The termination message kubelet would report: the file, else (with `FallbackToLogsOnError`
+/// and a failure) the log's tail.
+fn termination_message(work: &Path, c: &Container, failed: bool) -> Option<String> {
+    let file =
+        crate::bounded::read_to_string(&termination_path(work, c), crate::bounded::TERMINATION_MESSAGE)
+            .ok()
+            .filter(|m| !m.is_empty());
+    let fallback = c.termination_message_policy.as_deref() == Some("FallbackToLogsOnError");
+    file.or_else(|| (failed && fallback).then(|| log_tail(work, c)).filter(|t| !t.is_empty()))
+}
+
+fn log_path(work: &Path, c: &Container) -> PathBuf {
+    work.join(format!("{}.log", c.name))
+}
+
+/// The last 80 lines of a container's log, at most 4 KiB (what kubelet keeps).
+fn log_tail(work: &Path, c: &Container) -> String {
+    let text = std::fs::read(log_path(work, c)).unwrap_or_default();
+    let start = text.len().saturating_sub(4096);
+    let text = String::from_utf8_lossy(&text[start..]);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(80)..].join("\n")
 }
 
 /// Volume name → host directory, filled as kubelet would.
@@ -220,14 +288,38 @@ fn is_path_char(c: char) -> bool {
     c.is_alphanumeric() || matches!(c, '/' | '.' | '_' | '-')
 }
 
-/// Runs a container to its end; its output goes to our stderr (stdout is for the status).
-async fn run_to_end(mut cmd: Command) -> Result<(), String> {
-    cmd.stdout(std::io::stderr()).stderr(Stdio::inherit()).kill_on_drop(true);
-    match cmd.status().await {
-        Ok(s) if s.success() => Ok(()),
-        Ok(s) => Err(format!("exited with {s}")),
-        Err(e) => Err(format!("cannot start: {e}")),
+/// How a container's process ended.
+struct Ended {
+    /// Its exit code (128 + the signal for a signal, 128 when it could not start).
+    exit_code: i32,
+    /// Why it could not start.
+    error: Option<String>,
+}
+
+/// Runs a container to its end. The main container's output goes to our stderr as it comes
+/// (stdout is for the status); an init container's goes to `log` (its tail may be its termination
+/// message), then to our stderr.
+async fn run_to_end(mut cmd: Command, log: Option<&Path>) -> Ended {
+    use std::os::unix::process::ExitStatusExt;
+    match log.map(std::fs::File::create) {
+        Some(Ok(f)) => match f.try_clone() {
+            Ok(g) => cmd.stdout(f).stderr(g),
+            Err(_) => cmd.stdout(std::io::stderr()).stderr(Stdio::inherit()),
+        },
+        _ => cmd.stdout(std::io::stderr()).stderr(Stdio::inherit()),
+    };
+    cmd.kill_on_drop(true);
+    let ended = match cmd.status().await {
+        Ok(s) => Ended { exit_code: s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)), error: None },
+        Err(e) => Ended { exit_code: 128, error: Some(format!("cannot start: {e}")) },
+    };
+    if let Some(path) = log
+        && let Ok(text) = std::fs::read(path)
+    {
+        use std::io::Write;
+        let _ = std::io::stderr().write_all(&text);
     }
+    ended
 }
 
 /// Runs the startup probe until it passes, the sidecar dies, or the probe's patience ends.
