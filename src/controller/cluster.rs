@@ -15,9 +15,10 @@ use serde_json::json;
 use super::decide::{Count, Created, Effect, Failure, Need, Next, Observed, Slots, Transition};
 use super::engine::World;
 use super::metrics::{OutcomeLabels, ReasonLabel};
+use super::pod::{BUILD_POD_SELECTOR, CONTAINER_BUILD};
 use super::policy::owner_done;
 use super::resolve::{self, GitAuth};
-use super::{Context, Error, FIELD_MANAGER, LABEL_MANAGED_BUILD_PODS};
+use super::{Context, Error, FIELD_MANAGER};
 use crate::crd::ImageBuild;
 use crate::oci::client::Client;
 use crate::oci::{Reference, Secret as Sensitive};
@@ -73,16 +74,19 @@ impl<'a> Cluster<'a> {
                 let key = format!("{ns}/{name}@{}", secret.resource_version().unwrap_or_default());
                 match self.ctx.registry(&key, &json) {
                     Ok(client) => client,
-                    Err(e) => {
+                    Err(f) => {
                         let message = format!(
                             "Secret {ns}/{name} key .dockerconfigjson is not a docker config: {}",
-                            crate::oci::error::chain(&e)
+                            f.message
                         );
-                        return Ok(Err(Failure::new(Reason::SecretInvalid, message)));
+                        return Ok(Err(Failure::new(f.reason, message)));
                     }
                 }
             }
-            None => self.ctx.registry("", "{}").map_err(|e| Failure::new(Reason::Internal, e.to_string()))?,
+            None => match self.ctx.registry("", "{}") {
+                Ok(client) => client,
+                Err(f) => return Ok(Err(f)),
+            },
         };
         let git = ib.spec.source.dockerfile.as_ref().and_then(|d| d.git.as_ref());
         if let Some(r) = git.and_then(|g| g.credentials_secret_ref.as_ref()) {
@@ -130,7 +134,7 @@ impl<'a> Cluster<'a> {
             return Ok(free);
         }
         let all: Api<Pod> = Api::all(self.ctx.client.clone());
-        let pods = all.list(&ListParams::default().labels(LABEL_MANAGED_BUILD_PODS)).await?;
+        let pods = all.list(&ListParams::default().labels(BUILD_POD_SELECTOR)).await?;
         let running = pods
             .items
             .iter()
@@ -188,7 +192,7 @@ impl<'a> Cluster<'a> {
     /// The build container's last lines; a container that never started has none (not an error).
     async fn log_tail(&self, pod: &str) -> Option<String> {
         let params =
-            LogParams { container: Some("build".into()), tail_lines: Some(40), ..Default::default() };
+            LogParams { container: Some(CONTAINER_BUILD.into()), tail_lines: Some(40), ..Default::default() };
         match self.api::<Pod>().logs(pod, &params).await {
             Ok(t) if !t.is_empty() => Some(t),
             Ok(_) => None,
@@ -307,7 +311,7 @@ pub async fn patch_status(
         json!({"apiVersion": ImageBuild::api_version(&()), "kind": ImageBuild::kind(&()), "status": s});
     api.patch_status(&ib.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
         .await
-        .map_err(Error::Kube)?;
+        .map_err(Error::StatusWrite)?;
     Ok(())
 }
 

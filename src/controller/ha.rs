@@ -5,7 +5,7 @@
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::watch;
 
-use super::Error;
+use super::StartError;
 
 /// The Lease's name.
 pub const LEASE: &str = "bob-controller";
@@ -20,7 +20,7 @@ pub async fn lead(
     client: kube::Client,
     namespace: &str,
     identity: &str,
-) -> Result<(watch::Receiver<bool>, LeaseTask), Error> {
+) -> Result<(watch::Receiver<bool>, LeaseTask), StartError> {
     let manager = LeaseManagerBuilder::new(client, LEASE)
         .with_namespace(namespace)
         .with_identity(identity)
@@ -29,11 +29,11 @@ pub async fn lead(
         .with_grace(5)
         .build()
         .await
-        .map_err(Error::Lease)?;
+        .map_err(StartError::Lease)?;
     let (mut leading, task) = manager.watch().await;
     tracing::info!(lease = LEASE, namespace, identity, "waiting for leadership");
     while !*leading.borrow_and_update() {
-        leading.changed().await.map_err(|_| Error::Internal("lease manager stopped"))?;
+        leading.changed().await.map_err(|_| StartError::LeaseStopped)?;
     }
     tracing::info!(lease = LEASE, identity, "leading");
     Ok((leading, task))

@@ -46,30 +46,43 @@ pub const FIELD_MANAGER: &str = "bob-controller";
 pub const LABEL_MANAGED_BUILD_PODS: &str =
     "app.kubernetes.io/managed-by=bob,app.kubernetes.io/component=build";
 
-/// Why a reconcile (or the controller) failed.
+/// Why a reconcile ended without a status: every other outcome, failures included, is a status
+/// (`decide.rs`). Only the status write itself can fail this way, and it is retried.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The Kubernetes API refused or failed a call.
-    #[error("kubernetes api call failed")]
-    Kube(#[source] kube::Error),
-    /// A registry Secret is not a docker config.
-    #[error("the docker config is not valid")]
-    Credentials(#[source] crate::oci::credentials::Error),
-    /// The registry client cannot be built.
-    #[error("cannot build a registry client")]
-    Registry(#[source] crate::oci::transport::Error),
+    /// Writing the status failed (the API server is unreachable or refused it).
+    #[error("cannot write the status")]
+    StatusWrite(#[source] kube::Error),
     /// The decision asked for the same thing twice (a bug).
     #[error("the reconcile did not come to a decision: it asked for {0} again")]
     Stuck(String),
-    /// No scratch directory for resolving a git source.
-    #[error("cannot create a scratch directory")]
-    Scratch(#[source] std::io::Error),
+}
+
+impl Error {
+    /// A bounded label for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Error::StatusWrite(_) => "status_write",
+            Error::Stuck(_) => "stuck",
+        }
+    }
+}
+
+/// Why the controller could not start, or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// No Kubernetes client (no kubeconfig, no in-cluster service account).
+    #[error("cannot reach the Kubernetes API")]
+    Client(#[source] kube::Error),
     /// The CRD is not installed.
     #[error("the ImageBuild CRD is not installed (bob crd | kubectl apply -f -)")]
     NoCrd(#[source] kube::Error),
     /// Leader election failed.
     #[error("leader election failed")]
     Lease(#[source] kube_lease_manager::LeaseManagerError),
+    /// The lease manager stopped while this replica waited to lead.
+    #[error("leader election stopped")]
+    LeaseStopped,
     /// The admin address cannot be bound.
     #[error("cannot listen on {addr}")]
     Admin {
@@ -79,26 +92,6 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// A state that should not happen.
-    #[error("internal error: {0}")]
-    Internal(&'static str),
-}
-
-impl Error {
-    /// A bounded label for logs and metrics.
-    pub fn label(&self) -> &'static str {
-        match self {
-            Error::Kube(_) => "kube",
-            Error::Credentials(_) => "credentials",
-            Error::Registry(_) => "registry",
-            Error::Stuck(_) => "stuck",
-            Error::Scratch(_) => "scratch",
-            Error::NoCrd(_) => "no_crd",
-            Error::Admin { .. } => "admin",
-            Error::Lease(_) => "lease",
-            Error::Internal(_) => "internal",
-        }
-    }
 }
 
 /// `bob controller` options.
@@ -187,21 +180,26 @@ impl Context {
     }
 
     /// The registry client for a docker config, cached under `key` (Secret and resourceVersion),
-    /// so token caches and connections survive between reconciles.
-    pub fn registry(&self, key: &str, docker_config: &str) -> Result<Arc<Client>, Error> {
+    /// so token caches and connections survive between reconciles. A config that is not a docker
+    /// config is `SecretInvalid`.
+    pub fn registry(&self, key: &str, docker_config: &str) -> Result<Arc<Client>, decide::Failure> {
         let mut cache = self.registries.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = cache.get(key) {
             return Ok(c.clone());
         }
-        let creds = CredentialStore::inline(docker_config).map_err(Error::Credentials)?;
+        let creds = CredentialStore::inline(docker_config).map_err(|e| {
+            decide::Failure::new(crate::reason::Reason::SecretInvalid, crate::oci::error::chain(&e))
+        })?;
         let metrics = self.metrics.clone();
         let observer: crate::oci::transport::Observer = Arc::new(move |status| {
             metrics.registry_requests.get_or_create(&StatusLabel::of(status)).inc();
         });
         let timeout = Duration::from_secs(30);
         let insecure = &self.settings.plan.insecure_registries;
-        let client =
-            Arc::new(Client::connect(creds, insecure, timeout, Some(observer)).map_err(Error::Registry)?);
+        let client = Client::connect(creds, insecure, timeout, Some(observer)).map_err(|e| {
+            decide::Failure::new(crate::reason::Reason::Internal, crate::oci::error::chain(&e))
+        })?;
+        let client = Arc::new(client);
         // A Secret's new resourceVersion replaces its old entry.
         let prefix = key.split('@').next().unwrap_or_default().to_string();
         cache.retain(|k, _| k.split('@').next() != Some(prefix.as_str()) || prefix.is_empty());
@@ -225,13 +223,13 @@ pub fn error_policy(ib: Arc<ImageBuild>, error: &Error, ctx: Arc<Context>) -> Ac
 }
 
 /// Runs the controller until SIGTERM/SIGINT.
-pub async fn run(args: ControllerArgs) -> Result<(), Error> {
-    let client = kube::Client::try_default().await.map_err(Error::Kube)?;
+pub async fn run(args: ControllerArgs) -> Result<(), StartError> {
+    let client = kube::Client::try_default().await.map_err(StartError::Client)?;
     let (builds, pods): (Api<ImageBuild>, Api<Pod>) = match &args.namespace {
         Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
-    builds.list(&ListParams::default().limit(1)).await.map_err(Error::NoCrd)?;
+    builds.list(&ListParams::default().limit(1)).await.map_err(StartError::NoCrd)?;
     let plan = PlanConfig {
         image: args.image.clone(),
         build_timeout: args.build_timeout,
@@ -246,7 +244,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         keep_finished_pods: args.keep_finished_pods,
     };
     let controller = Controller::new(builds, watcher::Config::default())
-        .owns(pods, watcher::Config::default().labels(LABEL_MANAGED_BUILD_PODS))
+        .owns(pods, watcher::Config::default().labels(pod::BUILD_POD_SELECTOR))
         .with_config(controller_config(args.workers));
     let max_concurrent_builds = (args.max_concurrent_builds > 0).then_some(args.max_concurrent_builds);
     let settings = Settings { plan, policy, queue_timeout: args.queue_timeout, max_concurrent_builds };
@@ -255,7 +253,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
     let ctx = Arc::new(ctx);
     let listener = tokio::net::TcpListener::bind(&args.admin_addr)
         .await
-        .map_err(|source| Error::Admin { addr: args.admin_addr.clone(), source })?;
+        .map_err(|source| StartError::Admin { addr: args.admin_addr.clone(), source })?;
     let admin = metrics::router(ctx.metrics.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, admin).await {

@@ -30,6 +30,18 @@ pub const ANNOTATION_KEY: &str = "bob.dev/key";
 pub const ANNOTATION_WORKSPACE_REF: &str = "bob.dev/workspace-ref";
 /// Annotation: an inline Dockerfile, projected into the build container as a file.
 pub const ANNOTATION_DOCKERFILE: &str = "bob.dev/dockerfile";
+/// The build pod's main container: `bob build`.
+pub const CONTAINER_BUILD: &str = "build";
+/// The registry proxy sidecar: `bob proxy`, the only holder of the registry Secret.
+pub const CONTAINER_PROXY: &str = "proxy";
+/// The git clone init container (git sources).
+pub const CONTAINER_CLONE: &str = "clone";
+/// Label key: who manages the pod.
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// Label key: the pod's role.
+pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
+/// The label selector of the build pods bob manages (the pods the controller watches and counts).
+pub const BUILD_POD_SELECTOR: &str = "app.kubernetes.io/managed-by=bob,app.kubernetes.io/component=build";
 /// Where the workspace (git checkout, build context) is mounted.
 pub const WORKSPACE: &str = "/workspace";
 /// Where an inline Dockerfile is projected.
@@ -224,7 +236,7 @@ pub fn build_pod(ib: &ImageBuild, p: &PodInputs<'_>) -> Result<Pod, Invalid> {
     }
     let check = ExecAction { command: Some(vec!["bob".into(), "proxy".into(), "--check".into()]) };
     let proxy = Container {
-        name: "proxy".into(),
+        name: CONTAINER_PROXY.into(),
         image: Some(p.cfg.image.clone()),
         command: Some(vec!["bob".into(), "proxy".into()]),
         env: Some(proxy_env),
@@ -313,7 +325,7 @@ pub fn build_pod(ib: &ImageBuild, p: &PodInputs<'_>) -> Result<Pod, Invalid> {
     init.push(proxy);
     let knobs = spec.pod.clone().unwrap_or_default();
     let build = Container {
-        name: "build".into(),
+        name: CONTAINER_BUILD.into(),
         image: Some(p.cfg.image.clone()),
         command: Some(vec!["bob".into(), "build".into()]),
         env: Some(build_env),
@@ -331,8 +343,8 @@ pub fn build_pod(ib: &ImageBuild, p: &PodInputs<'_>) -> Result<Pod, Invalid> {
 
     let labels = BTreeMap::from([
         ("app.kubernetes.io/name".to_string(), "bob".to_string()),
-        ("app.kubernetes.io/component".to_string(), "build".to_string()),
-        ("app.kubernetes.io/managed-by".to_string(), "bob".to_string()),
+        (LABEL_COMPONENT.to_string(), "build".to_string()),
+        (LABEL_MANAGED_BY.to_string(), "bob".to_string()),
         (
             LABEL_IMAGEBUILD.to_string(),
             name.chars().take(63).collect::<String>().trim_end_matches(['-', '.', '_']).to_string(),
@@ -374,7 +386,7 @@ fn clone_container(git: &crate::crd::GitSource, commit: &str, cfg: &PlanConfig) 
         envs.push(secret_env("GIT_PASSWORD", &s.name, "password"));
     }
     Container {
-        name: "clone".into(),
+        name: CONTAINER_CLONE.into(),
         image: Some(cfg.image.clone()),
         command: Some(vec!["sh".into(), "-c".into(), clone_script()]),
         env: Some(envs),
@@ -383,5 +395,15 @@ fn clone_container(git: &crate::crd::GitSource, commit: &str, cfg: &PlanConfig) 
         security_context: Some(restricted()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_selector_is_the_labels_the_pod_gets() {
+        assert_eq!(BUILD_POD_SELECTOR, format!("{LABEL_MANAGED_BY}=bob,{LABEL_COMPONENT}=build"));
     }
 }

@@ -6,6 +6,7 @@ use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
+use super::pod::{CONTAINER_BUILD, CONTAINER_CLONE, CONTAINER_PROXY};
 use crate::build::BuildResult;
 use crate::crd::{BuildFailure, ImageBuildStatus, Phase};
 use crate::reason::Reason;
@@ -59,7 +60,7 @@ pub fn observe(pod: &Pod) -> PodState {
             return failure(
                 Reason::BuildTimeout,
                 "the build ran longer than its time limit (spec.timeouts.build) and was stopped",
-                Some("build"),
+                Some(CONTAINER_BUILD),
                 None,
             );
         }
@@ -84,29 +85,30 @@ pub fn observe(pod: &Pod) -> PodState {
                     None,
                 );
             }
-            if reason == "CrashLoopBackOff" && c.name == "proxy" {
+            if reason == "CrashLoopBackOff" && c.name == CONTAINER_PROXY {
                 return failure(
                     Reason::ProxyUnavailable,
                     "the registry proxy keeps crashing",
-                    Some("proxy"),
+                    Some(CONTAINER_PROXY),
                     last_message(c),
                 );
             }
         }
     }
     for c in inits {
-        if c.name == "proxy" {
+        if c.name == CONTAINER_PROXY {
             continue;
         }
         if let Some(t) = c.state.as_ref().and_then(|s| s.terminated.as_ref())
             && t.exit_code != 0
         {
-            let reason = if c.name == "clone" { Reason::SourceFetchFailed } else { Reason::PodFailed };
+            let reason =
+                if c.name == CONTAINER_CLONE { Reason::SourceFetchFailed } else { Reason::PodFailed };
             let message = format!("container {} failed with exit code {}", c.name, t.exit_code);
             return failure(reason, message, Some(&c.name), t.message.clone());
         }
     }
-    if let Some(build) = mains.clone().find(|c| c.name == "build")
+    if let Some(build) = mains.clone().find(|c| c.name == CONTAINER_BUILD)
         && let Some(t) = build.state.as_ref().and_then(|s| s.terminated.as_ref())
     {
         let result: Option<BuildResult> =
@@ -116,7 +118,7 @@ pub fn observe(pod: &Pod) -> PodState {
             return failure(
                 Reason::OutOfMemory,
                 "the build container was killed for memory (OOMKilled)",
-                Some("build"),
+                Some(CONTAINER_BUILD),
                 tail,
             );
         }
@@ -135,20 +137,20 @@ pub fn observe(pod: &Pod) -> PodState {
                 failure(
                     reason,
                     format!("the build container was stopped: {message}"),
-                    Some("build"),
+                    Some(CONTAINER_BUILD),
                     r.log_tail,
                 )
             }
             Some(r) => failure(
                 r.reason.unwrap_or(Reason::PodFailed),
                 r.message.clone().unwrap_or_else(|| format!("bob build exited with code {}", t.exit_code)),
-                Some("build"),
+                Some(CONTAINER_BUILD),
                 r.log_tail,
             ),
             None => failure(
                 Reason::PodFailed,
                 format!("bob build exited with code {} without a result", t.exit_code),
-                Some("build"),
+                Some(CONTAINER_BUILD),
                 t.message.clone(),
             ),
         };
@@ -283,7 +285,7 @@ pub fn cancelled(
     s.message = Some(message.into());
     s.conditions =
         vec![ready(&s.conditions, false, Reason::Cancelled.as_str(), message, s.observed_generation, now)];
-    let container = s.pod_name.as_ref().map(|_| "build".to_string());
+    let container = s.pod_name.as_ref().map(|_| CONTAINER_BUILD.to_string());
     s.failure =
         Some(BuildFailure { reason: Reason::Cancelled, message: message.into(), container, log_tail });
     s.next_attempt_at = None;
