@@ -145,6 +145,43 @@ async fn a_git_source_is_cloned_at_the_resolved_commit_and_built() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_image_a_step_copies_from_is_keyed_pinned_and_pulled_through_the_proxy() {
+    let fx = Fixture::new().await;
+    // The same image under another name, read by COPY --from: it must reach the build only through
+    // the proxy's mirror (so it must be declared), pinned to the digest the key was made with.
+    let d = Direct::new(&fx.reg.host, Some(&fx.creds));
+    let (repo, tag) = repo_tag(&fx, &fx.from);
+    let manifest = d.manifest(repo, tag).await;
+    d.push_manifest(repo, "tools", OCI_MANIFEST, &manifest).await;
+    let tools = format!("{}/{repo}:tools", fx.reg.host);
+    let source = format!(
+        "    dockerfile:\n      inline: |\n        FROM {}\n        COPY --from={tools} /bin/busybox /opt/tools/busybox\n        RUN /opt/tools/busybox true",
+        fx.from
+    );
+    let (out, status) = bob_run(&fx, "copy-from", &imagebuild_yaml(&fx, "copy-from", &source));
+    succeeded(&out, &status, "Built");
+    let dockerfile = format!(
+        "FROM {}\nCOPY --from={tools} /bin/busybox /opt/tools/busybox\nRUN /opt/tools/busybox true\n",
+        fx.from
+    );
+    let mut inputs = bob::key::BuildInputs::inline(&dockerfile);
+    inputs.from_digests.insert(fx.from.clone(), fx.from_digest.clone());
+    inputs.from_digests.insert(tools.clone(), fx.from_digest.clone());
+    assert_eq!(
+        status["cacheKey"].as_str(),
+        Some(inputs.key().unwrap().as_str()),
+        "keyed by both images' digests"
+    );
+    let output = status["output"]["ref"].as_str().unwrap().to_string();
+    let (repo, tag) = repo_tag(&fx, &output);
+    let manifest: Value = serde_json::from_slice(&d.manifest(repo, tag).await).unwrap();
+    assert!(
+        file_in_image(&d, repo, &manifest, "opt/tools/busybox").await.is_some(),
+        "the copied file is there"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn failures_end_in_a_failed_status_with_reason_and_log_tail() {
     let fx = Fixture::new().await;
     let source = format!(

@@ -1,6 +1,8 @@
-//! Reads the `FROM` lines of a Dockerfile (with global `ARG`s and build args expanded, line
-//! continuations and the `escape` directive honoured) and rewrites them to pinned references,
-//! keeping line numbers so the engine's errors still point at the user's lines.
+//! Reads the images a Dockerfile uses — its `FROM` lines, and the images named by
+//! `COPY --from=<image>` and `RUN --mount=...,from=<image>` (global `ARG`s and build args
+//! expanded, line continuations and the `escape` directive honoured) — and rewrites them to
+//! pinned references, keeping line numbers so the engine's errors still point at the user's
+//! lines. Every image a build reads is thus keyed, pinned and pulled through the proxy's mirror.
 
 use std::collections::BTreeMap;
 
@@ -50,12 +52,26 @@ pub struct FromLine {
     pub name: Option<String>,
 }
 
-/// The parsed `FROM`s of a Dockerfile.
+/// An image read by a step rather than started from: `COPY --from=<image>` or
+/// `RUN --mount=...,from=<image>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageUse {
+    /// First and last 0-based physical line of the instruction.
+    pub lines: (usize, usize),
+    /// The reference as written after `from=` (before expansion).
+    pub written: String,
+    /// The image (after expansion).
+    pub image: String,
+}
+
+/// The parsed images of a Dockerfile.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Dockerfile {
     lines: Vec<String>,
     /// The `FROM` instructions in order.
     pub froms: Vec<FromLine>,
+    /// Images that steps read (`COPY --from`, `RUN --mount from=`), in order.
+    pub uses: Vec<ImageUse>,
 }
 
 impl Dockerfile {
@@ -65,6 +81,7 @@ impl Dockerfile {
         let escape = escape_char(&lines);
         let mut globals: BTreeMap<String, String> = BTreeMap::new();
         let mut froms: Vec<FromLine> = Vec::new();
+        let mut uses: Vec<ImageUse> = Vec::new();
         let mut i = 0;
         while i < lines.len() {
             let start = i;
@@ -105,22 +122,32 @@ impl Dockerfile {
                 other if froms.is_empty() => {
                     return Err(Error::BeforeFrom { line: start + 1, instruction: other.to_string() });
                 }
+                "COPY" | "RUN" => {
+                    for written in from_flags(&args) {
+                        let image = expand(written, &globals);
+                        if !is_stage(&image, &froms) {
+                            uses.push(ImageUse { lines: (start, end), written: written.to_string(), image });
+                        }
+                    }
+                }
                 _ => {}
             }
         }
         if froms.is_empty() {
             return Err(Error::NoFrom);
         }
-        Ok(Self { lines, froms })
+        Ok(Self { lines, froms, uses })
     }
 
-    /// The distinct registry images the Dockerfile starts from, in order.
+    /// The distinct registry images the Dockerfile starts from or reads, in order.
     pub fn images(&self) -> Vec<&str> {
+        let froms = self.froms.iter().filter_map(|f| match &f.base {
+            Base::Image(i) => Some(i.as_str()),
+            _ => None,
+        });
         let mut out: Vec<&str> = Vec::new();
-        for f in &self.froms {
-            if let Base::Image(i) = &f.base
-                && !out.contains(&i.as_str())
-            {
+        for i in froms.chain(self.uses.iter().map(|u| u.image.as_str())) {
+            if !out.contains(&i) {
                 out.push(i);
             }
         }
@@ -148,6 +175,13 @@ impl Dockerfile {
                 l.clear();
             }
         }
+        for u in &self.uses {
+            // The flag stands whole on one physical line of its instruction.
+            let (from, to) = (format!("from={}", u.written), format!("from={}", pin(&u.image)));
+            if let Some(l) = lines[u.lines.0..=u.lines.1].iter_mut().find(|l| l.contains(&from)) {
+                *l = l.replacen(&from, &to, 1);
+            }
+        }
         let mut out = lines.join("\n");
         out.push('\n');
         out
@@ -170,8 +204,7 @@ fn parse_from(
         Some(kw) if kw.eq_ignore_ascii_case("as") => rest.get(2).map(|n| n.to_string()),
         _ => None,
     };
-    let is_stage = earlier.iter().any(|f| f.name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(&image)));
-    let base = if is_stage {
+    let base = if is_stage(&image, earlier) {
         Base::Stage(image)
     } else if image.eq_ignore_ascii_case("scratch") {
         Base::Scratch
@@ -179,6 +212,26 @@ fn parse_from(
         Base::Image(image)
     };
     Ok(FromLine { lines, flags, base, name })
+}
+
+/// Whether `name` names an earlier stage (by name, or by index as `COPY --from=0` does).
+fn is_stage(name: &str, earlier: &[FromLine]) -> bool {
+    let by_index = !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit());
+    by_index || earlier.iter().any(|f| f.name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(name)))
+}
+
+/// The `from=` values of an instruction's flags: `--from=X` (COPY) and `from=X` inside a
+/// `--mount=...` (RUN), as written.
+fn from_flags<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut out = Vec::new();
+    for a in args.iter().take_while(|a| a.starts_with("--")) {
+        if let Some(v) = a.strip_prefix("--from=") {
+            out.push(v);
+        } else if let Some(spec) = a.strip_prefix("--mount=") {
+            out.extend(spec.split(',').filter_map(|kv| kv.strip_prefix("from=")));
+        }
+    }
+    out.into_iter().filter(|v| !v.is_empty()).collect()
 }
 
 /// The line-continuation character from a leading `# escape=` directive (default `\`).
@@ -279,6 +332,20 @@ mod tests {
         assert_eq!(d.froms[0].lines, (0, 2));
         let out = d.pinned(|i| format!("reg/{i}@sha256:00"));
         assert_eq!(out, "FROM --platform=linux/amd64 reg/base:1@sha256:00 AS b\n\n\nRUN true\n");
+    }
+
+    #[test]
+    fn images_read_by_steps_are_images_too_and_pinned_in_place() {
+        let text = "ARG TOOLS=reg.test/tools:2\nFROM reg.test/base:1 AS build\nCOPY --from=reg.test/lib:3 /a /a\n\
+                    COPY --from=build /b /b\nCOPY --from=0 /c /c\nRUN --mount=type=bind,from=$TOOLS,target=/t \\\n  \
+                    --mount=type=cache,target=/cache make\nFROM scratch\nCOPY --chown=1 --from=build /d /d\n";
+        let d = parse(text);
+        assert_eq!(d.images(), ["reg.test/base:1", "reg.test/lib:3", "reg.test/tools:2"]);
+        let out = d.pinned(|i| format!("{i}@sha256:00"));
+        assert!(out.contains("COPY --from=reg.test/lib:3@sha256:00 /a /a\n"), "{out}");
+        assert!(out.contains("--mount=type=bind,from=reg.test/tools:2@sha256:00,target=/t \\\n"), "{out}");
+        assert!(out.contains("COPY --from=build /b /b\nCOPY --from=0 /c /c\n"), "stages stay: {out}");
+        assert_eq!(out.lines().count(), text.lines().count(), "line numbers are kept");
     }
 
     #[test]
