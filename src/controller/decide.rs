@@ -299,15 +299,10 @@ fn wait(
     now: Timestamp,
     cfg: &Settings,
 ) -> Transition {
-    let limit = match queue_limit(ib, cfg.queue_timeout) {
-        Ok(limit) => limit,
-        Err(invalid) => return finish(status::failed_with(s, invalid.reason(), invalid.to_string(), now)),
+    let (waited, limit) = match queue_clock(ib, &s, &f.message, now, cfg) {
+        Ok(clock) => clock,
+        Err(done) => return *done,
     };
-    let waited = waited(ib, now);
-    if waited > limit {
-        let message = format!("still waiting after {} (spec.timeouts.queue): {}", human(limit), f.message);
-        return finish(status::failed_with(s, Reason::QueueTimeout, message, now));
-    }
     let changed = old.phase != Some(Phase::Pending)
         || old.reason != Some(f.reason)
         || old.message.as_deref() != Some(f.message.as_str())
@@ -331,14 +326,8 @@ fn queued(
     now: Timestamp,
     cfg: &Settings,
 ) -> Transition {
-    let limit = match queue_limit(ib, cfg.queue_timeout) {
-        Ok(limit) => limit,
-        Err(invalid) => return finish(status::failed_with(s, invalid.reason(), invalid.to_string(), now)),
-    };
-    let waited = waited(ib, now);
-    if waited > limit {
-        let message = format!("still waiting after {} (spec.timeouts.queue): {message}", human(limit));
-        return finish(status::failed_with(s, Reason::QueueTimeout, message, now));
+    if let Err(done) = queue_clock(ib, &s, message, now, cfg) {
+        return *done;
     }
     let changed = old.phase != Some(Phase::Queued) || old.message.as_deref() != Some(message);
     let status = status::in_progress(s, Phase::Queued, None, message, now);
@@ -347,6 +336,26 @@ fn queued(
         effects: Vec::new(),
         next: Next::After(Duration::from_secs(10)),
     }
+}
+
+/// The queue clock: how long the ImageBuild has waited and may wait, or its end — `QueueTimeout`
+/// naming what it `waited_for`, or `InvalidSpec` for a limit that does not parse.
+fn queue_clock(
+    ib: &ImageBuild,
+    s: &ImageBuildStatus,
+    waited_for: &str,
+    now: Timestamp,
+    cfg: &Settings,
+) -> Result<(Duration, Duration), Box<Transition>> {
+    let limit = queue_limit(ib, cfg.queue_timeout).map_err(|invalid| {
+        Box::new(finish(status::failed_with(s.clone(), invalid.reason(), invalid.to_string(), now)))
+    })?;
+    let waited = waited(ib, now);
+    if waited > limit {
+        let message = format!("still waiting after {} (spec.timeouts.queue): {waited_for}", human(limit));
+        return Err(Box::new(finish(status::failed_with(s.clone(), Reason::QueueTimeout, message, now))));
+    }
+    Ok((waited, limit))
 }
 
 /// How long the ImageBuild has existed (the queue clock).
