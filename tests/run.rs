@@ -11,18 +11,23 @@ use common::build::*;
 use common::*;
 use serde_json::Value;
 
-/// Runs `bob run -f` on `yaml`; returns the output and the printed status.
-fn bob_run(fx: &Fixture, name: &str, yaml: &str) -> (Output, Value) {
-    let file = write_file(fx.dir.path(), &format!("{name}.yaml"), yaml);
-    let out = Command::new(env!("CARGO_BIN_EXE_bob"))
+/// Runs `bob run -f` on `yaml` (written to `dir/<name>.yaml`); returns its output.
+fn run_file(dir: &Path, name: &str, yaml: &str) -> Output {
+    let file = write_file(dir, &format!("{name}.yaml"), yaml);
+    Command::new(env!("CARGO_BIN_EXE_bob"))
         .args(["run", "-f"])
         .arg(&file)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", fx.dir.path())
+        .env("HOME", dir)
         .env("RUST_LOG", "info")
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// Runs `bob run -f` on `yaml`; returns the output and the printed status.
+fn bob_run(fx: &Fixture, name: &str, yaml: &str) -> (Output, Value) {
+    let out = run_file(fx.dir.path(), name, yaml);
     let doc: Value = serde_saphyr::from_str(&text(&out.stdout))
         .unwrap_or_else(|e| panic!("status YAML: {e}\n{}\n{}", text(&out.stdout), text(&out.stderr)));
     (out, doc["status"].clone())
@@ -205,23 +210,10 @@ async fn failures_end_in_a_failed_status_with_reason_and_log_tail() {
     // nothing runs.
     let bad = imagebuild_yaml(&fx, "bad", &format!("    image: {{ref: \"{}\"}}", fx.from))
         .replace("/workspace\n", "/workspace:latest\n");
-    let out = bob_run_file(fx.dir.path(), &bad);
+    let out = run_file(fx.dir.path(), "bad", &bad);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(out.stdout.is_empty() && err.contains("spec.workspaceImageRepository"), "{err}");
-}
-
-/// `bob run -f` on `yaml` without a registry fixture; returns the output.
-fn bob_run_file(dir: &Path, yaml: &str) -> Output {
-    let file = write_file(dir, "ib.yaml", yaml);
-    Command::new(env!("CARGO_BIN_EXE_bob"))
-        .args(["run", "-f"])
-        .arg(&file)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", dir)
-        .output()
-        .unwrap()
 }
 
 #[test]
@@ -243,7 +235,7 @@ fn bob_run_refuses_what_the_api_server_would_refuse() {
         ),
     ];
     for (spec, needle) in cases {
-        let out = bob_run_file(dir.path(), &format!("{base}{spec}"));
+        let out = run_file(dir.path(), "ib", &format!("{base}{spec}"));
         let err = text(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{spec}: {err}");
         assert!(out.stdout.is_empty(), "no status for an ImageBuild the API server would not take");
@@ -260,15 +252,7 @@ async fn a_registry_that_does_not_answer_the_cache_check_is_a_wait_not_a_miss() 
         &format!("workspaceImageRepository: {}/workspace", fx.reg.host),
         &format!("workspaceImageRepository: {closed}/ws"),
     );
-    let file = write_file(fx.dir.path(), "down.yaml", &yaml);
-    let out = Command::new(env!("CARGO_BIN_EXE_bob"))
-        .args(["run", "-f"])
-        .arg(&file)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", fx.dir.path())
-        .output()
-        .unwrap();
+    let out = run_file(fx.dir.path(), "down", &yaml);
     let doc: Value = serde_saphyr::from_str(&text(&out.stdout)).unwrap();
     let status = &doc["status"];
     assert_eq!(out.status.code(), Some(75), "a wait, not a failure: {}", text(&out.stderr));
