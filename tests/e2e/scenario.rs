@@ -1,0 +1,421 @@
+//! One scenario's world: an API server (its own kube-sim, or the shared cluster), bob installed
+//! from the chart into a release namespace of its own, a build namespace, a registry with a
+//! busybox base image under repositories of its own, the Secret, and the controller replicas.
+//! On failure it prints the controllers' log tails, the ImageBuilds' YAML, the pods and Events;
+//! it always stops every process and removes what it made.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use serde_json::{Value, json};
+
+use super::apiserver::{ApiServer, Target, plain_kubeconfig};
+use super::common::build::busybox_image;
+use super::common::{Direct, Registry, RegistryAuth, docker_config};
+use super::counter::Counter;
+use super::daemon::Daemon;
+use super::install::{Controller, Release, service_account_kubeconfig};
+use super::kubectl::Kubectl;
+
+/// kube-sim runs every pod on this machine's network, where the build pod's proxy always listens
+/// on 127.0.0.1:8080: scenarios that run build pods take turns (a cluster gives each pod its own
+/// network; there they run in parallel).
+static HOST_NETWORK: LazyLock<Arc<tokio::sync::Mutex<()>>> = LazyLock::new(Arc::default);
+
+const PASSWORD: &str = "e2e-pass-7f3a";
+
+/// What a scenario needs besides the defaults.
+pub struct Options {
+    /// Controller replicas (the chart turns on leader election above one).
+    pub replicas: u32,
+    /// Chart values over charts/bob/ci/e2e-values.yaml.
+    pub values: Value,
+    /// Labels of the build namespace (Pod Security levels).
+    pub labels: Vec<(&'static str, &'static str)>,
+    /// Create the registry Secret `reg` in the build namespace.
+    pub secret: bool,
+    /// Route the controller through a counting proxy.
+    pub count_calls: bool,
+    /// Build pods run (kube-sim: take the host network's turn).
+    pub pods: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { replicas: 1, values: json!({}), labels: Vec::new(), secret: true, count_calls: false, pods: true }
+    }
+}
+
+/// Every pod the build namespace had: name → (uid, most owners seen).
+pub type PodLog = Arc<Mutex<BTreeMap<String, (String, usize)>>>;
+
+/// A running scenario.
+pub struct Scenario {
+    /// The scenario's name.
+    pub name: String,
+    /// The build namespace.
+    pub ns: String,
+    /// The chart's release.
+    pub release: Release,
+    /// kubectl for the API server.
+    pub kubectl: Kubectl,
+    /// A client for reading and watching (never for changes; those go through kubectl).
+    pub client: kube::Client,
+    /// The `FROM` image: `<registry>/<prefix>/busybox:1`, and its digest.
+    pub from: String,
+    /// Its manifest digest.
+    pub from_digest: String,
+    /// `<registry>/<prefix>`: the scenario's repositories.
+    pub repos: String,
+    /// The docker config of the registry Secret.
+    pub creds: String,
+    /// Controller replicas.
+    pub controllers: Vec<Controller>,
+    /// The kubeconfig the controllers use.
+    pub controller_kubeconfig: PathBuf,
+    /// Every pod seen in the build namespace.
+    pub pods: PodLog,
+    /// The counting proxy, when asked for.
+    pub counter: Option<Counter>,
+    registry_host: String,
+    dir: PathBuf,
+    target: Target,
+    registry: Option<Registry>,
+    api: ApiServer,
+    extra: Vec<Daemon>,
+    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+    work: Option<tempfile::TempDir>,
+}
+
+fn short(name: &str) -> String {
+    let s: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).take(24).collect();
+    let rand: u32 = std::process::id() ^ (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos());
+    format!("e2e-{}-{:04x}", s.trim_end_matches('-'), rand & 0xffff)
+}
+
+impl Scenario {
+    /// Sets up the world of scenario `name`.
+    pub async fn start(target: &Target, name: &str, opts: Options) -> Self {
+        let turn = match target.is_kube_sim() && opts.pods {
+            true => Some(HOST_NETWORK.clone().lock_owned().await),
+            false => None,
+        };
+        let work = tempfile::Builder::new().prefix("bob-e2e-").tempdir().unwrap();
+        let dir = work.path().to_path_buf();
+        let api = ApiServer::start(target, &dir);
+        let kubectl = Kubectl::new(&api.kubeconfig, &dir.join("kubectl-cache"));
+        let prefix = short(name);
+        let ns = prefix.clone();
+        let release_ns = format!("{prefix}-sys");
+
+        let (registry, host, creds) = match target {
+            Target::KubeSim { .. } => {
+                let reg = Registry::start(RegistryAuth::Basic { user: "builder", password: PASSWORD });
+                let creds = docker_config(&reg.host, "builder", PASSWORD);
+                let host = reg.host.clone();
+                (Some(reg), host, creds)
+            }
+            // The cluster's registry needs no credentials; the Secret still names it.
+            Target::Cluster { registry, .. } => (None, registry.clone(), docker_config(registry, "e2e", "unused")),
+        };
+        let image = busybox_image();
+        Direct::new(&host, Some(&creds)).push_image(&format!("{prefix}/busybox"), "1", &image).await;
+        let from = format!("{host}/{prefix}/busybox:1");
+
+        let mut values = opts.values.clone();
+        values["replicas"] = json!(opts.replicas);
+        if let Target::Cluster { image, registry, .. } = target {
+            let (repo, tag) = image.rsplit_once(':').unwrap_or((image, "latest"));
+            values["image"] = json!({"repository": repo, "tag": tag});
+            values["controller"]["insecureRegistries"] = json!([registry]);
+            // Scenarios share the cluster: each controller sees only its own namespace.
+            values["controller"]["watchNamespace"] = json!(ns);
+        }
+        let release = Release::render(&release_ns, &values);
+        release.install(&kubectl).await;
+        kubectl.ok(&["create", "namespace", &ns], None).await;
+        for (k, v) in &opts.labels {
+            kubectl.ok(&["label", "namespace", &ns, &format!("{k}={v}")], None).await;
+        }
+
+        let config = kube::config::Kubeconfig::read_from(&api.kubeconfig).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(config, &Default::default()).await.unwrap();
+        let client = kube::Client::try_from(config).unwrap();
+        let pods = watch_pods(client.clone(), &ns);
+
+        let mut extra = Vec::new();
+        let direct = match target {
+            Target::KubeSim { .. } => api.plain_url.clone().unwrap(),
+            Target::Cluster { .. } => {
+                let sa = dir.join("controller-sa.kubeconfig");
+                service_account_kubeconfig(&kubectl, &release, &sa).await;
+                if !opts.count_calls {
+                    sa.display().to_string()
+                } else {
+                    // A plain-HTTP hop for the counter: kubectl proxy authenticates as the SA.
+                    let mut cmd = std::process::Command::new("kubectl");
+                    cmd.args(["proxy", "--port", "0", "--kubeconfig"]).arg(&sa);
+                    let mut p = Daemon::spawn("kubectl proxy", cmd, &dir.join("kubectl-proxy.log"));
+                    let line = p.wait_for_line("Starting to serve on", Duration::from_secs(20));
+                    extra.push(p);
+                    format!("http://{}", line.rsplit(' ').next().unwrap().trim())
+                }
+            }
+        };
+        let counter = opts.count_calls.then(|| Counter::start(&direct));
+        let controller_kubeconfig = match (&counter, direct.starts_with("http")) {
+            (Some(c), _) => write_plain(&dir, &c.url, &ns),
+            (None, true) => api.kubeconfig.clone(),
+            (None, false) => PathBuf::from(direct),
+        };
+        let mut s = Scenario {
+            name: name.to_string(),
+            ns,
+            release,
+            kubectl,
+            client,
+            from,
+            from_digest: image.digest,
+            repos: format!("{host}/{prefix}"),
+            creds,
+            controllers: Vec::new(),
+            controller_kubeconfig,
+            pods,
+            counter,
+            registry_host: host,
+            dir,
+            target: target.clone(),
+            registry,
+            api,
+            extra,
+            _turn: turn,
+            work: Some(work),
+        };
+        if opts.secret {
+            s.create_secret().await;
+        }
+        for _ in 0..opts.replicas {
+            s.start_controller();
+        }
+        s
+    }
+
+    /// `kubectl create secret docker-registry reg` for the scenario's registry.
+    pub async fn create_secret(&self) {
+        let args = ["create", "secret", "docker-registry", "reg", "-n", &self.ns, "--docker-server", &self.registry_host,
+                    "--docker-username", "builder", "--docker-password", PASSWORD];
+        self.kubectl.ok(&args, None).await;
+    }
+
+    /// Starts one more controller replica (a new pod of the Deployment).
+    pub fn start_controller(&mut self) -> &Controller {
+        let identity = format!("bob-controller-e2e-{}", self.controllers.len());
+        let c = Controller::start(&self.release, &self.controller_kubeconfig, &identity, &self.dir);
+        self.controllers.push(c);
+        self.controllers.last().unwrap()
+    }
+
+    /// The spec of an inline Dockerfile `FROM <busybox>` plus `steps`, with the Secret.
+    pub fn dockerfile(&self, steps: &str) -> Value {
+        json!({
+            "source": {"dockerfile": {"inline": format!("FROM {}\n{steps}\n", self.from)}},
+            "baseImageRepository": format!("{}/base", self.repos),
+            "workspaceImageRepository": format!("{}/workspace", self.repos),
+            "registryAuth": {"secretRef": {"name": "reg"}},
+        })
+    }
+
+    /// The spec of an image source (the busybox base), with the Secret.
+    pub fn image_source(&self) -> Value {
+        json!({
+            "source": {"image": {"ref": self.from}},
+            "workspaceImageRepository": format!("{}/workspace", self.repos),
+            "registryAuth": {"secretRef": {"name": "reg"}},
+        })
+    }
+
+    /// `kubectl apply` of ImageBuilds (`(name, spec)`), in one request stream.
+    pub async fn create(&self, builds: &[(&str, Value)]) {
+        let stream: String = builds
+            .iter()
+            .map(|(name, spec)| {
+                let ib = json!({"apiVersion": "bob.dev/v1alpha1", "kind": "ImageBuild",
+                                "metadata": {"name": name, "namespace": self.ns}, "spec": spec});
+                format!("---\n{ib}\n")
+            })
+            .collect();
+        self.kubectl.ok(&["apply", "-f", "-"], Some(&stream)).await;
+    }
+
+    fn builds(&self) -> Api<DynamicObject> {
+        let gvk = GroupVersionKind::gvk("bob.dev", "v1alpha1", "ImageBuild");
+        Api::namespaced_with(self.client.clone(), &self.ns, &ApiResource::from_gvk(&gvk))
+    }
+
+    /// The ImageBuild as JSON, if it exists.
+    pub async fn get(&self, name: &str) -> Option<Value> {
+        self.builds().get_opt(name).await.unwrap().map(|o| serde_json::to_value(o).unwrap())
+    }
+
+    /// Watches the ImageBuild until `pred` holds for it (as JSON); returns it. Panics after
+    /// `timeout`, naming `what`.
+    pub async fn wait(&self, name: &str, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let mut stream = watcher(self.builds(), cfg).applied_objects().boxed();
+        let last = Arc::new(Mutex::new(Value::Null));
+        let seen = last.clone();
+        let found = tokio::time::timeout(timeout, async move {
+            while let Some(ev) = stream.next().await {
+                let Ok(obj) = ev else { continue };
+                let v = serde_json::to_value(obj).unwrap();
+                *seen.lock().unwrap() = v.clone();
+                if pred(&v) {
+                    return Some(v);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(v)) => v,
+            _ => panic!("{name}: not {what} in {timeout:?}; last seen status: {:#}", last.lock().unwrap()["status"]),
+        }
+    }
+
+    /// Waits until the ImageBuild's phase is terminal; returns its status.
+    pub async fn finished(&self, name: &str, timeout: Duration) -> Value {
+        let terminal = |v: &Value| matches!(v["status"]["phase"].as_str(), Some("Succeeded" | "Failed" | "Cancelled"));
+        self.wait(name, "finished", timeout, terminal).await["status"].clone()
+    }
+
+    /// Waits for `phase` with `reason`; returns the status.
+    pub async fn reaches(&self, name: &str, phase: &str, reason: &str, timeout: Duration) -> Value {
+        let what = format!("{phase} {reason}");
+        let v = self
+            .wait(name, &what, timeout, |v| {
+                v["status"]["reason"] == reason || matches!(v["status"]["phase"].as_str(), Some("Succeeded" | "Failed" | "Cancelled"))
+            })
+            .await;
+        let s = v["status"].clone();
+        assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some(phase), Some(reason)), "{name}: {s:#}");
+        s
+    }
+
+    /// The pods in the build namespace now.
+    pub async fn pods_now(&self) -> Vec<Pod> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
+        api.list(&ListParams::default()).await.unwrap().items
+    }
+
+    /// Waits until the build namespace has no pod.
+    pub async fn no_pods_within(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let pods = self.pods_now().await;
+            if pods.is_empty() {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "pods still there after {timeout:?}: {:?}",
+                pods.iter().map(|p| p.metadata.name.clone().unwrap_or_default()).collect::<Vec<_>>());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The digest the registry serves for `reference` (`<registry>/<repo>:<tag>`).
+    pub async fn registry_digest(&self, reference: &str) -> Option<String> {
+        let path = reference.strip_prefix(&format!("{}/", self.registry_host)).expect("a ref in the scenario's registry");
+        let (repo, tag) = path.rsplit_once(':').unwrap();
+        Direct::new(&self.registry_host, Some(&self.creds)).manifest_digest(repo, tag).await
+    }
+
+    /// The controller's API calls so far (needs `count_calls`).
+    pub fn calls(&self) -> Vec<super::counter::Call> {
+        self.counter.as_ref().expect("Options::count_calls").calls()
+    }
+
+    /// The end of every scenario: no ImageBuild is left without a phase. Then cleans up.
+    pub async fn finish(self) {
+        let all = self.builds().list(&ListParams::default()).await.unwrap();
+        let phaseless: Vec<String> = all
+            .items
+            .iter()
+            .filter(|o| o.data["status"]["phase"].as_str().is_none())
+            .map(|o| o.metadata.name.clone().unwrap_or_default())
+            .collect();
+        assert!(phaseless.is_empty(), "ImageBuilds without a phase at the end: {phaseless:?}");
+    }
+
+    fn diagnostics(&self) {
+        let mut out = format!("\n===== e2e diagnostics: {} (namespace {}) =====\n", self.name, self.ns);
+        for c in &self.controllers {
+            out += &format!("--- controller {} (last 40 lines of {}):\n{}\n", c.identity, c.daemon.log.display(), c.daemon.tail(40));
+        }
+        let k = &self.kubectl;
+        out += &format!("--- kubectl get imagebuilds -o yaml:\n{}", k.now(&["get", "imagebuilds", "-n", &self.ns, "-o", "yaml"]));
+        out += &format!("--- kubectl get pods -o wide:\n{}", k.now(&["get", "pods", "-n", &self.ns, "-o", "wide"]));
+        let pods = k.now(&["get", "pods", "-n", &self.ns, "-o", "yaml"]);
+        out += &format!("--- kubectl get pods -o yaml (first 150 lines):\n{}\n", pods.lines().take(150).collect::<Vec<_>>().join("\n"));
+        out += &format!("--- kubectl get events:\n{}", k.now(&["get", "events", "-n", &self.ns]));
+        if let Some(sim) = &self.api.sim {
+            out += &format!("--- kube-sim (last 30 lines of {}):\n{}\n", sim.log.display(), sim.tail(30));
+        }
+        eprintln!("{out}===== end of diagnostics: {} =====", self.name);
+    }
+}
+
+fn write_plain(dir: &std::path::Path, url: &str, ns: &str) -> PathBuf {
+    let path = dir.join("controller.kubeconfig");
+    plain_kubeconfig(&path, url, ns);
+    path
+}
+
+/// Records every pod of `ns` from a watch: a pod that lived between two looks is seen too.
+fn watch_pods(client: kube::Client, ns: &str) -> PodLog {
+    let log: PodLog = Arc::default();
+    let api: Api<Pod> = Api::namespaced(client, ns);
+    let seen = log.clone();
+    tokio::spawn(async move {
+        let mut stream = watcher(api, watcher::Config::default()).applied_objects().boxed();
+        while let Some(ev) = stream.next().await {
+            let Ok(pod) = ev else { continue };
+            let owners = pod.metadata.owner_references.as_ref().map_or(0, |o| o.len());
+            let mut seen = seen.lock().unwrap();
+            let entry = seen.entry(pod.metadata.name.clone().unwrap_or_default()).or_insert((pod.metadata.uid.clone().unwrap_or_default(), 0));
+            entry.1 = entry.1.max(owners);
+        }
+    });
+    log
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.diagnostics();
+            if std::env::var_os("BOB_E2E_KEEP").is_some() {
+                let kept = self.work.take().unwrap().keep();
+                eprintln!("e2e: BOB_E2E_KEEP: kept {}", kept.display());
+            }
+        }
+        for c in &mut self.controllers {
+            c.daemon.stop(Duration::from_secs(10));
+        }
+        self.counter.take();
+        self.extra.clear();
+        if matches!(self.target, Target::Cluster { .. }) {
+            for ns in [&self.ns, &self.release.ns] {
+                let _ = self.kubectl.now(&["delete", "namespace", ns, "--wait=false"]);
+            }
+            let _ = self.kubectl.now(&["delete", "clusterrole,clusterrolebinding", &format!("bob-controller-{}", self.release.ns)]);
+        }
+        if let Some(sim) = &mut self.api.sim {
+            sim.stop(Duration::from_secs(15));
+        }
+        self.registry.take();
+    }
+}
