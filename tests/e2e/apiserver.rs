@@ -100,7 +100,8 @@ impl ApiServer {
                 // The pods' containers run `bob proxy`, `bob build` and `sh`: the fresh binary first.
                 let bob_dir = Path::new(env!("CARGO_BIN_EXE_bob")).parent().unwrap().to_path_buf();
                 let path = std::env::join_paths(
-                    std::iter::once(bob_dir).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
+                    std::iter::once(bob_dir)
+                        .chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
                 )
                 .unwrap();
                 let mut cmd = Command::new("python3");

@@ -1,8 +1,135 @@
-//! The benchmark (docs/benchmarks.md): placeholder until written.
+//! The benchmark of docs/benchmarks.md (an ignored trial, never timed in CI): on the harness, with
+//! watches (not polling), ImageBuild created → `Succeeded` for a cache hit, and created → build
+//! pod created, p50/p90 over `BOB_E2E_BENCH_RUNS` (default 50) runs each. The clock starts before
+//! the create request is sent and stops when the watch delivers the event.
+//!
+//! `cargo test --release --test e2e -- --ignored benchmark --nocapture`
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use serde_json::json;
+use tokio::sync::mpsc;
+
 use super::apiserver::Target;
 use super::scenario::{Options, Scenario};
+use super::scenarios::BUILD;
 
 /// Runs the benchmark.
 pub fn run(t: Target) -> std::pin::Pin<Box<dyn std::future::Future<Output = Scenario> + Send>> {
-    Box::pin(async move { Scenario::start(&t, "benchmark", Options::default()).await })
+    Box::pin(bench(t))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+fn summary(what: &str, mut d: Vec<Duration>) -> String {
+    d.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    format!(
+        "| {what} | {} | **{:.1} ms** | {:.1} ms | {:.1} ms | {:.1} ms |",
+        d.len(),
+        ms(percentile(&d, 0.5)),
+        ms(percentile(&d, 0.9)),
+        ms(d[0]),
+        ms(*d.last().unwrap())
+    )
+}
+
+async fn bench(t: Target) -> Scenario {
+    let runs: usize = std::env::var("BOB_E2E_BENCH_RUNS").ok().and_then(|n| n.parse().ok()).unwrap_or(50);
+    let s = Scenario::start(&t, "benchmark", Options::default()).await;
+    let gvk = GroupVersionKind::gvk("bob.dev", "v1alpha1", "ImageBuild");
+    let builds: Api<DynamicObject> =
+        Api::namespaced_with(s.client.clone(), &s.ns, &ApiResource::from_gvk(&gvk));
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
+
+    // One watch each, open for the whole run: Succeeded ImageBuilds and new pods by owner name.
+    let (done_tx, mut done) = mpsc::unbounded_channel::<String>();
+    let mut stream = watcher(builds.clone(), watcher::Config::default()).applied_objects().boxed();
+    tokio::spawn(async move {
+        while let Some(Ok(o)) = stream.next().await {
+            if o.data["status"]["phase"] == "Succeeded" {
+                let _ = done_tx.send(o.metadata.name.unwrap_or_default());
+            }
+        }
+    });
+    let (pod_tx, mut created) = mpsc::unbounded_channel::<(String, bool)>();
+    let mut stream = watcher(pods.clone(), watcher::Config::default()).touched_objects().boxed();
+    tokio::spawn(async move {
+        while let Some(Ok(p)) = stream.next().await {
+            let owner = p.metadata.owner_references.as_ref().and_then(|o| o.first()).map(|o| o.name.clone());
+            let gone = p.metadata.deletion_timestamp.is_some();
+            let _ = pod_tx.send((owner.unwrap_or_default(), gone));
+        }
+    });
+    let create = |name: String, spec: serde_json::Value| {
+        let builds = builds.clone();
+        async move {
+            let ib: DynamicObject =
+                serde_json::from_value(json!({"apiVersion": "bob.dev/v1alpha1", "kind": "ImageBuild",
+                "metadata": {"name": name}, "spec": spec}))
+                .unwrap();
+            builds.create(&PostParams::default(), &ib).await.unwrap();
+        }
+    };
+
+    // The image that every cache-hit run finds.
+    let spec = s.dockerfile("RUN echo bench > /bench.txt");
+    s.create(&[("seed", spec.clone())]).await;
+    let st = s.finished("seed", BUILD).await;
+    assert_eq!(st["phase"], "Succeeded", "{st:#}");
+    let mut seen: HashMap<String, Instant> = HashMap::new();
+    let mut hits = Vec::new();
+    for i in 0..runs {
+        let name = format!("hit-{i}");
+        let start = Instant::now();
+        create(name.clone(), spec.clone()).await;
+        while !seen.contains_key(&name) {
+            let n = tokio::time::timeout(Duration::from_secs(30), done.recv())
+                .await
+                .expect("Succeeded in 30 s")
+                .unwrap();
+            seen.entry(n).or_insert_with(Instant::now);
+        }
+        hits.push(seen[&name] - start);
+        let st = s.get(&name).await.unwrap();
+        assert_eq!(st["status"]["reason"], "CacheHit", "{st:#}");
+    }
+
+    // A new Dockerfile each run: a cache miss that creates a pod; the ImageBuild is deleted once
+    // its pod exists (the pod goes with it) before the next run.
+    let mut misses = Vec::new();
+    for i in 0..runs {
+        let name = format!("miss-{i}");
+        let start = Instant::now();
+        create(name.clone(), s.dockerfile(&format!("RUN echo miss-{i} > /miss.txt"))).await;
+        let at = loop {
+            let (owner, _) = tokio::time::timeout(Duration::from_secs(30), created.recv())
+                .await
+                .expect("a pod in 30 s")
+                .unwrap();
+            if owner == name {
+                break Instant::now();
+            }
+        };
+        misses.push(at - start);
+        builds.delete(&name, &DeleteParams::default()).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !s.pods_now().await.is_empty() {
+            assert!(Instant::now() < deadline, "the pod of {name} was not collected");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    println!("\nbenchmark: {runs} runs each, API server: {}, bob {profile} build", t.describe());
+    println!("| path | runs | p50 | p90 | min | max |\n|---|---|---|---|---|---|");
+    println!("{}", summary("created → `Succeeded` (cache hit, no pod)", hits));
+    println!("{}", summary("created → build pod created (cache miss)", misses));
+    s
 }

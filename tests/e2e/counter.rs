@@ -51,7 +51,8 @@ impl Counter {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            let rt =
+                tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 addr_tx.send(listener.local_addr().unwrap()).unwrap();
@@ -87,7 +88,11 @@ impl Drop for Counter {
 async fn forward(State(s): State<Shared>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
-    s.calls.lock().unwrap().push(Call { at: Instant::now(), method: parts.method.to_string(), path: path.clone() });
+    s.calls.lock().unwrap().push(Call {
+        at: Instant::now(),
+        method: parts.method.to_string(),
+        path: path.clone(),
+    });
     let body = axum::body::to_bytes(body, 64 << 20).await.unwrap_or_default();
     let mut up = s.http.request(parts.method, format!("{}{path}", s.upstream)).body(body);
     let framing = [http::header::HOST, http::header::CONTENT_LENGTH, http::header::TRANSFER_ENCODING];
@@ -98,7 +103,8 @@ async fn forward(State(s): State<Shared>, req: Request) -> Response {
         Ok(r) => {
             let mut out = Response::builder().status(r.status());
             // Hop-by-hop and framing headers are the server's own: the body is re-framed here.
-            let framing = [http::header::TRANSFER_ENCODING, http::header::CONNECTION, http::header::CONTENT_LENGTH];
+            let framing =
+                [http::header::TRANSFER_ENCODING, http::header::CONNECTION, http::header::CONTENT_LENGTH];
             for (name, value) in r.headers().iter().filter(|(n, _)| !framing.contains(n)) {
                 out = out.header(name, value);
             }

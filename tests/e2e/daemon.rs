@@ -54,7 +54,12 @@ impl Daemon {
             if let Some(status) = self.try_wait() {
                 panic!("{} exited ({status}) before logging {needle:?}:\n{}", self.name, self.tail(40));
             }
-            assert!(Instant::now() < deadline, "{} did not log {needle:?} in {timeout:?}:\n{}", self.name, self.tail(40));
+            assert!(
+                Instant::now() < deadline,
+                "{} did not log {needle:?} in {timeout:?}:\n{}",
+                self.name,
+                self.tail(40)
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

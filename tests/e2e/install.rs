@@ -16,6 +16,18 @@ use super::apiserver::root;
 use super::daemon::Daemon;
 use super::kubectl::Kubectl;
 
+/// Whether Helm's engine can render (the .venv that `.ci/run` makes); else what to do.
+pub fn renderer_ready() -> Result<(), String> {
+    let out = Command::new(root().join("scripts/render-chart"))
+        .arg("--help")
+        .output()
+        .map_err(|e| e.to_string())?;
+    match out.status.success() {
+        true => Ok(()),
+        false => Err(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+    }
+}
+
 /// The rendered chart.
 pub struct Release {
     /// The release namespace (the controller's, the leader Lease's).
@@ -35,8 +47,11 @@ impl Release {
             .expect("scripts/render-chart runs");
         assert!(out.status.success(), "rendering the chart failed: {}", String::from_utf8_lossy(&out.stderr));
         let text = String::from_utf8(out.stdout).unwrap();
-        let docs: Vec<Value> =
-            serde_saphyr::from_multiple::<Value>(&text).unwrap().into_iter().filter(|d| !d.is_null()).collect();
+        let docs: Vec<Value> = serde_saphyr::from_multiple::<Value>(&text)
+            .unwrap()
+            .into_iter()
+            .filter(|d| !d.is_null())
+            .collect();
         Release { ns: ns.to_string(), docs }
     }
 
@@ -56,7 +71,12 @@ impl Release {
         let stream = |docs: Vec<&Value>| docs.iter().map(|d| format!("---\n{d}\n")).collect::<String>();
         let apply = ["apply", "--server-side", "--force-conflicts", "--field-manager", "helm", "-f", "-"];
         kubectl.ok(&apply, Some(&stream(self.of_kind(true)))).await;
-        kubectl.ok(&["wait", "--for", "condition=established", "--timeout", "30s", "crd/imagebuilds.bob.dev"], None).await;
+        kubectl
+            .ok(
+                &["wait", "--for", "condition=established", "--timeout", "30s", "crd/imagebuilds.bob.dev"],
+                None,
+            )
+            .await;
         if let Err(e) = kubectl.run(&["create", "namespace", &self.ns], None).await {
             assert!(e.contains("AlreadyExists"), "{e}");
         }
@@ -106,7 +126,11 @@ impl Controller {
             if let Some(s) = daemon.try_wait() {
                 panic!("controller {identity} exited ({s}) before it was ready:\n{}", daemon.tail(40));
             }
-            assert!(Instant::now() < deadline, "controller {identity} not ready in 30 s:\n{}", daemon.tail(40));
+            assert!(
+                Instant::now() < deadline,
+                "controller {identity} not ready in 30 s:\n{}",
+                daemon.tail(40)
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         Controller { identity: identity.to_string(), admin, daemon }
@@ -131,9 +155,11 @@ pub fn free_port() -> String {
 /// A kubeconfig that authenticates as the chart's ServiceAccount (a cluster that enforces RBAC):
 /// the cluster's server and CA with a token from the TokenRequest API.
 pub async fn service_account_kubeconfig(kubectl: &Kubectl, release: &Release, path: &Path) {
-    let token = kubectl.ok(&["create", "token", "bob-controller", "-n", &release.ns, "--duration", "2h"], None).await;
+    let token =
+        kubectl.ok(&["create", "token", "bob-controller", "-n", &release.ns, "--duration", "2h"], None).await;
     let view: Value =
-        serde_json::from_str(&kubectl.ok(&["config", "view", "--minify", "--raw", "-o", "json"], None).await).unwrap();
+        serde_json::from_str(&kubectl.ok(&["config", "view", "--minify", "--raw", "-o", "json"], None).await)
+            .unwrap();
     let cluster = view["clusters"][0]["cluster"].clone();
     let config = json!({
         "apiVersion": "v1", "kind": "Config",

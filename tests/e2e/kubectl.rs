@@ -41,7 +41,13 @@ impl Kubectl {
         if out.status.success() {
             Ok(stdout)
         } else {
-            Err(format!("kubectl {} failed ({}): {}{}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr), stdout))
+            Err(format!(
+                "kubectl {} failed ({}): {}{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr),
+                stdout
+            ))
         }
     }
 

@@ -42,12 +42,20 @@ fn main() -> ExitCode {
     let trials: Vec<Trial> = match &target {
         Ok(t) => {
             eprintln!("e2e: API server: {}", t.describe());
+            // A missing renderer is a missing component: every scenario fails, saying what to run.
+            let renderer = install::renderer_ready();
             runs.into_iter()
                 .map(|(name, run, ignored)| {
                     let t = t.clone();
+                    let renderer = renderer.clone();
                     Trial::test(name, move || {
+                        renderer?;
                         common::init();
-                        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+                        let rt = tokio::runtime::Builder::new_multi_thread()
+                            .worker_threads(2)
+                            .enable_all()
+                            .build()
+                            .unwrap();
                         rt.block_on(async { run(t).await.finish().await });
                         rt.shutdown_timeout(std::time::Duration::from_secs(5));
                         Ok(())

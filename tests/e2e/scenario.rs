@@ -48,7 +48,14 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { replicas: 1, values: json!({}), labels: Vec::new(), secret: true, count_calls: false, pods: true }
+        Options {
+            replicas: 1,
+            values: json!({}),
+            labels: Vec::new(),
+            secret: true,
+            count_calls: false,
+            pods: true,
+        }
     }
 }
 
@@ -95,7 +102,8 @@ pub struct Scenario {
 
 fn short(name: &str) -> String {
     let s: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).take(24).collect();
-    let rand: u32 = std::process::id() ^ (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos());
+    let rand: u32 = std::process::id()
+        ^ (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos());
     format!("e2e-{}-{:04x}", s.trim_end_matches('-'), rand & 0xffff)
 }
 
@@ -122,7 +130,9 @@ impl Scenario {
                 (Some(reg), host, creds)
             }
             // The cluster's registry needs no credentials; the Secret still names it.
-            Target::Cluster { registry, .. } => (None, registry.clone(), docker_config(registry, "e2e", "unused")),
+            Target::Cluster { registry, .. } => {
+                (None, registry.clone(), docker_config(registry, "e2e", "unused"))
+            }
         };
         let image = busybox_image();
         Direct::new(&host, Some(&creds)).push_image(&format!("{prefix}/busybox"), "1", &image).await;
@@ -208,8 +218,20 @@ impl Scenario {
 
     /// `kubectl create secret docker-registry reg` for the scenario's registry.
     pub async fn create_secret(&self) {
-        let args = ["create", "secret", "docker-registry", "reg", "-n", &self.ns, "--docker-server", &self.registry_host,
-                    "--docker-username", "builder", "--docker-password", PASSWORD];
+        let args = [
+            "create",
+            "secret",
+            "docker-registry",
+            "reg",
+            "-n",
+            &self.ns,
+            "--docker-server",
+            &self.registry_host,
+            "--docker-username",
+            "builder",
+            "--docker-password",
+            PASSWORD,
+        ];
         self.kubectl.ok(&args, None).await;
     }
 
@@ -265,7 +287,13 @@ impl Scenario {
 
     /// Watches the ImageBuild until `pred` holds for it (as JSON); returns it. Panics after
     /// `timeout`, naming `what`.
-    pub async fn wait(&self, name: &str, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    pub async fn wait(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
         let mut stream = watcher(self.builds(), cfg).applied_objects().boxed();
         let last = Arc::new(Mutex::new(Value::Null));
@@ -284,13 +312,17 @@ impl Scenario {
         .await;
         match found {
             Ok(Some(v)) => v,
-            _ => panic!("{name}: not {what} in {timeout:?}; last seen status: {:#}", last.lock().unwrap()["status"]),
+            _ => panic!(
+                "{name}: not {what} in {timeout:?}; last seen status: {:#}",
+                last.lock().unwrap()["status"]
+            ),
         }
     }
 
     /// Waits until the ImageBuild's phase is terminal; returns its status.
     pub async fn finished(&self, name: &str, timeout: Duration) -> Value {
-        let terminal = |v: &Value| matches!(v["status"]["phase"].as_str(), Some("Succeeded" | "Failed" | "Cancelled"));
+        let terminal =
+            |v: &Value| matches!(v["status"]["phase"].as_str(), Some("Succeeded" | "Failed" | "Cancelled"));
         self.wait(name, "finished", timeout, terminal).await["status"].clone()
     }
 
@@ -299,7 +331,8 @@ impl Scenario {
         let what = format!("{phase} {reason}");
         let v = self
             .wait(name, &what, timeout, |v| {
-                v["status"]["reason"] == reason || matches!(v["status"]["phase"].as_str(), Some("Succeeded" | "Failed" | "Cancelled"))
+                v["status"]["reason"] == reason
+                    || matches!(v["status"]["phase"].as_str(), Some("Succeeded" | "Failed" | "Cancelled"))
             })
             .await;
         let s = v["status"].clone();
@@ -321,15 +354,20 @@ impl Scenario {
             if pods.is_empty() {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "pods still there after {timeout:?}: {:?}",
-                pods.iter().map(|p| p.metadata.name.clone().unwrap_or_default()).collect::<Vec<_>>());
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "pods still there after {timeout:?}: {:?}",
+                pods.iter().map(|p| p.metadata.name.clone().unwrap_or_default()).collect::<Vec<_>>()
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
     /// The digest the registry serves for `reference` (`<registry>/<repo>:<tag>`).
     pub async fn registry_digest(&self, reference: &str) -> Option<String> {
-        let path = reference.strip_prefix(&format!("{}/", self.registry_host)).expect("a ref in the scenario's registry");
+        let path = reference
+            .strip_prefix(&format!("{}/", self.registry_host))
+            .expect("a ref in the scenario's registry");
         let (repo, tag) = path.rsplit_once(':').unwrap();
         Direct::new(&self.registry_host, Some(&self.creds)).manifest_digest(repo, tag).await
     }
@@ -354,13 +392,27 @@ impl Scenario {
     fn diagnostics(&self) {
         let mut out = format!("\n===== e2e diagnostics: {} (namespace {}) =====\n", self.name, self.ns);
         for c in &self.controllers {
-            out += &format!("--- controller {} (last 40 lines of {}):\n{}\n", c.identity, c.daemon.log.display(), c.daemon.tail(40));
+            out += &format!(
+                "--- controller {} (last 40 lines of {}):\n{}\n",
+                c.identity,
+                c.daemon.log.display(),
+                c.daemon.tail(40)
+            );
         }
         let k = &self.kubectl;
-        out += &format!("--- kubectl get imagebuilds -o yaml:\n{}", k.now(&["get", "imagebuilds", "-n", &self.ns, "-o", "yaml"]));
-        out += &format!("--- kubectl get pods -o wide:\n{}", k.now(&["get", "pods", "-n", &self.ns, "-o", "wide"]));
+        out += &format!(
+            "--- kubectl get imagebuilds -o yaml:\n{}",
+            k.now(&["get", "imagebuilds", "-n", &self.ns, "-o", "yaml"])
+        );
+        out += &format!(
+            "--- kubectl get pods -o wide:\n{}",
+            k.now(&["get", "pods", "-n", &self.ns, "-o", "wide"])
+        );
         let pods = k.now(&["get", "pods", "-n", &self.ns, "-o", "yaml"]);
-        out += &format!("--- kubectl get pods -o yaml (first 150 lines):\n{}\n", pods.lines().take(150).collect::<Vec<_>>().join("\n"));
+        out += &format!(
+            "--- kubectl get pods -o yaml (first 150 lines):\n{}\n",
+            pods.lines().take(150).collect::<Vec<_>>().join("\n")
+        );
         out += &format!("--- kubectl get events:\n{}", k.now(&["get", "events", "-n", &self.ns]));
         if let Some(sim) = &self.api.sim {
             out += &format!("--- kube-sim (last 30 lines of {}):\n{}\n", sim.log.display(), sim.tail(30));
@@ -386,7 +438,9 @@ fn watch_pods(client: kube::Client, ns: &str) -> PodLog {
             let Ok(pod) = ev else { continue };
             let owners = pod.metadata.owner_references.as_ref().map_or(0, |o| o.len());
             let mut seen = seen.lock().unwrap();
-            let entry = seen.entry(pod.metadata.name.clone().unwrap_or_default()).or_insert((pod.metadata.uid.clone().unwrap_or_default(), 0));
+            let entry = seen
+                .entry(pod.metadata.name.clone().unwrap_or_default())
+                .or_insert((pod.metadata.uid.clone().unwrap_or_default(), 0));
             entry.1 = entry.1.max(owners);
         }
     });
@@ -397,10 +451,10 @@ impl Drop for Scenario {
     fn drop(&mut self) {
         if std::thread::panicking() {
             self.diagnostics();
-            if std::env::var_os("BOB_E2E_KEEP").is_some() {
-                let kept = self.work.take().unwrap().keep();
-                eprintln!("e2e: BOB_E2E_KEEP: kept {}", kept.display());
-            }
+        }
+        if std::env::var_os("BOB_E2E_KEEP").is_some() {
+            let kept = self.work.take().unwrap().keep();
+            eprintln!("e2e: BOB_E2E_KEEP: kept {} ({})", kept.display(), self.name);
         }
         for c in &mut self.controllers {
             c.daemon.stop(Duration::from_secs(10));
@@ -411,7 +465,11 @@ impl Drop for Scenario {
             for ns in [&self.ns, &self.release.ns] {
                 let _ = self.kubectl.now(&["delete", "namespace", ns, "--wait=false"]);
             }
-            let _ = self.kubectl.now(&["delete", "clusterrole,clusterrolebinding", &format!("bob-controller-{}", self.release.ns)]);
+            let _ = self.kubectl.now(&[
+                "delete",
+                "clusterrole,clusterrolebinding",
+                &format!("bob-controller-{}", self.release.ns),
+            ]);
         }
         if let Some(sim) = &mut self.api.sim {
             sim.stop(Duration::from_secs(15));

@@ -33,10 +33,18 @@ scenarios!(
 
 /// `Succeeded` with `reason`, the Ready condition true, for generation 1.
 fn assert_succeeded(name: &str, s: &Value, reason: &str) {
-    assert_eq!((s["phase"].as_str(), s["reason"].as_str()), (Some("Succeeded"), Some(reason)), "{name}: {s:#}");
+    assert_eq!(
+        (s["phase"].as_str(), s["reason"].as_str()),
+        (Some("Succeeded"), Some(reason)),
+        "{name}: {s:#}"
+    );
     assert_eq!(s["observedGeneration"], 1, "{name}: {s:#}");
     let ready = &s["conditions"][0];
-    assert_eq!((ready["type"].as_str(), ready["status"].as_str(), ready["reason"].as_str()), (Some("Ready"), Some("True"), Some(reason)), "{name}: {s:#}");
+    assert_eq!(
+        (ready["type"].as_str(), ready["status"].as_str(), ready["reason"].as_str()),
+        (Some("Ready"), Some("True"), Some(reason)),
+        "{name}: {s:#}"
+    );
     assert!(s["completionTime"].is_string() && s["startTime"].is_string(), "{name}: {s:#}");
 }
 
@@ -51,11 +59,19 @@ async fn inline_dockerfile_builds(t: Target) -> Scenario {
     let key = st["cacheKey"].as_str().expect("a cache key");
     let base = st["baseImage"]["ref"].as_str().unwrap();
     assert_eq!(base, format!("{}/base:{key}", s.repos), "the base is tagged with the key");
-    assert_eq!(st["baseImage"]["digest"].as_str(), s.registry_digest(base).await.as_deref(), "base digest: {st:#}");
+    assert_eq!(
+        st["baseImage"]["digest"].as_str(),
+        s.registry_digest(base).await.as_deref(),
+        "base digest: {st:#}"
+    );
     let output = st["output"]["ref"].as_str().unwrap();
     assert!(output.starts_with(&format!("{}/workspace:", s.repos)), "{st:#}");
     let digest = s.registry_digest(output).await.expect("the workspace image is in the registry");
-    assert_eq!(st["output"]["digest"].as_str(), Some(digest.as_str()), "output.digest is the registry's: {st:#}");
+    assert_eq!(
+        st["output"]["digest"].as_str(),
+        Some(digest.as_str()),
+        "output.digest is the registry's: {st:#}"
+    );
     let pod = st["podName"].as_str().expect("podName");
     assert_eq!(s.pods.lock().unwrap().keys().collect::<Vec<_>>(), [pod], "exactly the one build pod");
     s.no_pods_within(Duration::from_secs(60)).await;
@@ -92,7 +108,10 @@ async fn same_spec_again_is_a_cache_hit_without_a_pod(t: Target) -> Scenario {
 
 /// The controller's pod creates (`POST .../pods`).
 pub fn pod_creates(s: &Scenario) -> usize {
-    s.calls().iter().filter(|c| c.method == "POST" && c.path.split('?').next().unwrap().ends_with("/pods")).count()
+    s.calls()
+        .iter()
+        .filter(|c| c.method == "POST" && c.path.split('?').next().unwrap().ends_with("/pods"))
+        .count()
 }
 
 async fn two_submitted_at_once_share_one_pod(t: Target) -> Scenario {
@@ -116,20 +135,36 @@ async fn failing_run_step_reports_step_exit_code_and_log(t: Target) -> Scenario 
     let s = Scenario::start(&t, "failing_run_step", Options::default()).await;
     s.create(&[("fails", s.dockerfile("RUN echo e2e-boom && exit 7"))]).await;
     let st = s.finished("fails", BUILD).await;
-    assert_eq!((st["phase"].as_str(), st["reason"].as_str()), (Some("Failed"), Some("BuildStepFailed")), "{st:#}");
+    assert_eq!(
+        (st["phase"].as_str(), st["reason"].as_str()),
+        (Some("Failed"), Some("BuildStepFailed")),
+        "{st:#}"
+    );
     let f = &st["failure"];
-    assert_eq!((f["reason"].as_str(), f["container"].as_str()), (Some("BuildStepFailed"), Some("build")), "{st:#}");
+    assert_eq!(
+        (f["reason"].as_str(), f["container"].as_str()),
+        (Some("BuildStepFailed"), Some("build")),
+        "{st:#}"
+    );
     let message = f["message"].as_str().unwrap();
-    assert!(message.contains("RUN echo e2e-boom && exit 7") && message.contains("exit code 7"), "step and exit code: {message}");
+    assert!(
+        message.contains("RUN echo e2e-boom && exit 7") && message.contains("exit code 7"),
+        "step and exit code: {message}"
+    );
     assert!(f["logTail"].as_str().unwrap_or_default().contains("e2e-boom"), "the step's output: {st:#}");
     assert_eq!(st["attempts"], 1, "a failed step is not retried: {st:#}");
-    assert_eq!((st["conditions"][0]["status"].as_str(), st["conditions"][0]["reason"].as_str()), (Some("False"), Some("BuildStepFailed")));
+    assert_eq!(
+        (st["conditions"][0]["status"].as_str(), st["conditions"][0]["reason"].as_str()),
+        (Some("False"), Some("BuildStepFailed"))
+    );
     s.no_pods_within(Duration::from_secs(60)).await;
     s
 }
 
 async fn missing_secret_waits_then_builds_once_created(t: Target) -> Scenario {
-    let s = Scenario::start(&t, "missing_secret_then_created", Options { secret: false, ..Default::default() }).await;
+    let s =
+        Scenario::start(&t, "missing_secret_then_created", Options { secret: false, ..Default::default() })
+            .await;
     s.create(&[("waits", s.dockerfile("RUN echo after-secret > /s.txt"))]).await;
     let st = s.reaches("waits", "Pending", "SecretNotFound", Duration::from_secs(60)).await;
     let want = format!("Secret {}/reg (spec.registryAuth) does not exist", s.ns);
