@@ -37,14 +37,16 @@ pub struct Release {
 }
 
 impl Release {
-    /// Renders charts/bob into namespace `ns` with charts/bob/ci/e2e-values.yaml and `values`.
-    pub fn render(ns: &str, values: &Value) -> Self {
-        let out = Command::new(root().join("scripts/render-chart"))
-            .args(["--include-crds", "--name", "bob", "--namespace", ns, "-f"])
-            .arg(root().join("charts/bob/ci/e2e-values.yaml"))
-            .args(["--set-json", &values.to_string()])
-            .output()
-            .expect("scripts/render-chart runs");
+    /// Renders charts/bob into namespace `ns` with charts/bob/ci/e2e-values.yaml, then each of
+    /// `values` merged over it in order.
+    pub fn render(ns: &str, values: &[Value]) -> Self {
+        let mut cmd = Command::new(root().join("scripts/render-chart"));
+        cmd.args(["--include-crds", "--name", "bob", "--namespace", ns, "-f"])
+            .arg(root().join("charts/bob/ci/e2e-values.yaml"));
+        for v in values {
+            cmd.args(["--set-json", &v.to_string()]);
+        }
+        let out = cmd.output().expect("scripts/render-chart runs");
         assert!(out.status.success(), "rendering the chart failed: {}", String::from_utf8_lossy(&out.stderr));
         let text = String::from_utf8(out.stdout).unwrap();
         let docs: Vec<Value> = serde_saphyr::from_multiple::<Value>(&text)

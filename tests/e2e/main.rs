@@ -15,6 +15,7 @@ mod common;
 
 mod apiserver;
 mod bench;
+mod builds;
 mod counter;
 mod daemon;
 mod install;
