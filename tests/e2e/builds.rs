@@ -144,8 +144,8 @@ impl Scenario {
         Direct::new(&self.registry_host, Some(&self.creds)).manifest_digest(repo, tag).await
     }
 
-    /// The controller's API calls so far (needs `count_calls`).
+    /// The controllers' API calls so far.
     pub fn calls(&self) -> Vec<super::counter::Call> {
-        self.counter.as_ref().expect("Options::count_calls").calls()
+        self.counter.as_ref().expect("the counter runs until the scenario ends").calls()
     }
 }

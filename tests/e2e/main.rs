@@ -20,6 +20,7 @@ mod counter;
 mod daemon;
 mod install;
 mod kubectl;
+mod rbac;
 mod scenario;
 mod scenarios;
 mod scenarios_ops;
@@ -80,5 +81,10 @@ fn main() -> ExitCode {
                 .collect()
         }
     };
+    let mut trials = trials;
+    trials.push(Trial::test("rbac_request_mapping", || {
+        rbac::mapping_self_check();
+        Ok(())
+    }));
     libtest_mimic::run(&args, trials).exit_code()
 }

@@ -40,22 +40,13 @@ pub struct Options {
     pub labels: Vec<(&'static str, &'static str)>,
     /// Create the registry Secret `reg` in the build namespace.
     pub secret: bool,
-    /// Route the controller through a counting proxy.
-    pub count_calls: bool,
     /// Build pods run (kube-sim: take the host network's turn).
     pub pods: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options {
-            replicas: 1,
-            values: json!({}),
-            labels: Vec::new(),
-            secret: true,
-            count_calls: false,
-            pods: true,
-        }
+        Options { replicas: 1, values: json!({}), labels: Vec::new(), secret: true, pods: true }
     }
 }
 
@@ -88,7 +79,7 @@ pub struct Scenario {
     pub controller_kubeconfig: PathBuf,
     /// Every pod seen in the build namespace.
     pub pods: PodLog,
-    /// The counting proxy, when asked for.
+    /// The counting proxy in front of the API server, for the controllers.
     pub counter: Option<Counter>,
     pub(super) registry_host: String,
     dir: PathBuf,
@@ -164,31 +155,26 @@ impl Scenario {
         let client = kube::Client::try_from(config).unwrap();
         let pods = watch_pods(client.clone(), &ns);
 
+        // The controller reaches the API server through the counting proxy (every call is
+        // counted and checked against the chart's RBAC); on a TLS cluster the plain-HTTP hop
+        // behind it is `kubectl proxy` authenticated as the chart's ServiceAccount.
         let mut extra = Vec::new();
-        let direct = match target {
+        let upstream = match target {
             Target::KubeSim { .. } => api.plain_url.clone().unwrap(),
             Target::Cluster { .. } => {
                 let sa = dir.join("controller-sa.kubeconfig");
                 service_account_kubeconfig(&kubectl, &release, &sa).await;
-                if !opts.count_calls {
-                    sa.display().to_string()
-                } else {
-                    // A plain-HTTP hop for the counter: kubectl proxy authenticates as the SA.
-                    let mut cmd = std::process::Command::new("kubectl");
-                    cmd.args(["proxy", "--port", "0", "--kubeconfig"]).arg(&sa);
-                    let mut p = Daemon::spawn("kubectl proxy", cmd, &dir.join("kubectl-proxy.log"));
-                    let line = p.wait_for_line("Starting to serve on", Duration::from_secs(20));
-                    extra.push(p);
-                    format!("http://{}", line.rsplit(' ').next().unwrap().trim())
-                }
+                let mut cmd = std::process::Command::new("kubectl");
+                cmd.args(["proxy", "--port", "0", "--kubeconfig"]).arg(&sa);
+                let mut p = Daemon::spawn("kubectl proxy", cmd, &dir.join("kubectl-proxy.log"));
+                let line = p.wait_for_line("Starting to serve on", Duration::from_secs(20));
+                extra.push(p);
+                format!("http://{}", line.rsplit(' ').next().unwrap().trim())
             }
         };
-        let counter = opts.count_calls.then(|| Counter::start(&direct));
-        let controller_kubeconfig = match (&counter, direct.starts_with("http")) {
-            (Some(c), _) => write_plain(&dir, &c.url, &ns),
-            (None, true) => api.kubeconfig.clone(),
-            (None, false) => PathBuf::from(direct),
-        };
+        let counter = Counter::start(&upstream);
+        let controller_kubeconfig = dir.join("controller.kubeconfig");
+        plain_kubeconfig(&controller_kubeconfig, &counter.url, &ns);
         let mut s = Scenario {
             name: name.to_string(),
             ns,
@@ -202,7 +188,7 @@ impl Scenario {
             controllers: Vec::new(),
             controller_kubeconfig,
             pods,
-            counter,
+            counter: Some(counter),
             registry_host: host,
             dir,
             target: target.clone(),
@@ -258,6 +244,7 @@ impl Scenario {
             .map(|o| o.metadata.name.clone().unwrap_or_default())
             .collect();
         assert!(phaseless.is_empty(), "ImageBuilds without a phase at the end: {phaseless:?}");
+        super::rbac::check(&self.release, &self.calls());
     }
 
     fn diagnostics(&self) {
@@ -290,12 +277,6 @@ impl Scenario {
         }
         eprintln!("{out}===== end of diagnostics: {} =====", self.name);
     }
-}
-
-fn write_plain(dir: &std::path::Path, url: &str, ns: &str) -> PathBuf {
-    let path = dir.join("controller.kubeconfig");
-    plain_kubeconfig(&path, url, ns);
-    path
 }
 
 /// Records every pod of `ns` from a watch: a pod that lived between two looks is seen too.

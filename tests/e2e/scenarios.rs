@@ -85,7 +85,7 @@ async fn inline_dockerfile_builds(t: Target) -> Scenario {
 }
 
 async fn same_spec_again_is_a_cache_hit_without_a_pod(t: Target) -> Scenario {
-    let opts = Options { count_calls: true, ..Default::default() };
+    let opts = Options::default();
     let s = Scenario::start(&t, "same_spec_again_is_a_cache_hit", opts).await;
     let spec = s.dockerfile("RUN echo cached > /cached.txt");
     s.create(&[("first", spec.clone())]).await;

@@ -27,7 +27,7 @@ crate::scenarios!(
 const WINDOW: Duration = Duration::from_secs(20);
 
 async fn malformed_secret_has_its_own_reason_and_no_retry_storm(t: Target) -> Scenario {
-    let opts = Options { secret: false, count_calls: true, ..Default::default() };
+    let opts = Options { secret: false, ..Default::default() };
     let s = Scenario::start(&t, "malformed_secret", opts).await;
     // Valid JSON (a real API server checks that much for this type), but no docker config.
     let bad = r#"--from-literal=.dockerconfigjson={"auths": "not-a-map"}"#;
@@ -229,8 +229,7 @@ async fn delete_mid_build_collects_the_pod(t: Target) -> Scenario {
 }
 
 async fn controller_killed_mid_build_restarts_without_a_second_pod(t: Target) -> Scenario {
-    let mut s =
-        Scenario::start(&t, "controller_killed", Options { count_calls: true, ..Default::default() }).await;
+    let mut s = Scenario::start(&t, "controller_killed", Options::default()).await;
     s.create(&[("survives", s.dockerfile("RUN echo e2e-started && sleep 8 && echo done > /done"))]).await;
     let v = s.wait("survives", "Building", BUILD, |v| v["status"]["phase"] == "Building").await;
     let pod = v["status"]["podName"].as_str().unwrap().to_string();
