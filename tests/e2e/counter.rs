@@ -9,6 +9,7 @@ use std::time::Instant;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
+use axum::serve::ListenerExt;
 use futures::TryStreamExt;
 
 /// One request the controller made.
@@ -20,6 +21,8 @@ pub struct Call {
     pub method: String,
     /// Path and query.
     pub path: String,
+    /// How long the API server took to answer (its response head), once it did.
+    pub took: Option<std::time::Duration>,
 }
 
 #[derive(Clone)]
@@ -40,12 +43,16 @@ pub struct Counter {
 
 impl Counter {
     /// Starts a proxy to `upstream` (`http://host:port`) on a free loopback port, in a thread of
-    /// its own (it outlives the scenario's runtime until dropped).
-    pub fn start(upstream: &str) -> Self {
+    /// its own (it outlives the scenario's runtime until dropped). With `fresh`, every request
+    /// goes upstream on a new connection (see `Options::fresh_connections`).
+    pub fn start(upstream: &str, fresh: bool) -> Self {
         let calls = Arc::new(Mutex::new(Vec::new()));
         let shared = Shared {
             upstream: upstream.trim_end_matches('/').to_string(),
-            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+            http: match fresh {
+                true => reqwest::Client::builder().no_proxy().pool_max_idle_per_host(0).build().unwrap(),
+                false => reqwest::Client::builder().no_proxy().build().unwrap(),
+            },
             calls: calls.clone(),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -56,6 +63,11 @@ impl Counter {
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                // As an API server does: a streamed response's head and first chunk are two
+                // writes, and with Nagle the second waits for the client's delayed ACK (~40 ms).
+                let listener = listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
                 let app = axum::Router::new().fallback(forward).with_state(shared);
                 let _ = axum::serve(listener, app)
                     .with_graceful_shutdown(async move {
@@ -88,18 +100,21 @@ impl Drop for Counter {
 async fn forward(State(s): State<Shared>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
-    s.calls.lock().unwrap().push(Call {
-        at: Instant::now(),
-        method: parts.method.to_string(),
-        path: path.clone(),
-    });
+    let at = Instant::now();
+    let index = {
+        let mut calls = s.calls.lock().unwrap();
+        calls.push(Call { at, method: parts.method.to_string(), path: path.clone(), took: None });
+        calls.len() - 1
+    };
     let body = axum::body::to_bytes(body, 64 << 20).await.unwrap_or_default();
     let mut up = s.http.request(parts.method, format!("{}{path}", s.upstream)).body(body);
     let framing = [http::header::HOST, http::header::CONTENT_LENGTH, http::header::TRANSFER_ENCODING];
     for (name, value) in parts.headers.iter().filter(|(n, _)| !framing.contains(n)) {
         up = up.header(name, value);
     }
-    match up.send().await {
+    let answer = up.send().await;
+    s.calls.lock().unwrap()[index].took = Some(at.elapsed());
+    match answer {
         Ok(r) => {
             let mut out = Response::builder().status(r.status());
             // Hop-by-hop and framing headers are the server's own: the body is re-framed here.
