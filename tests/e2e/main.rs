@@ -1,0 +1,90 @@
+//! The end-to-end suite: the real `bob controller` binary, installed from the Helm chart rendered
+//! by Helm's own engine, real `kubectl`, a real `docker-registry` and buildah, against an API
+//! server — a kube-sim per scenario (beside the checkout at `../shared/tools/kube-sim`, with a
+//! fake kubelet that runs the build pods' containers as local processes, Pod Security admission
+//! and ResourceQuota), or the cluster that `KUBECONFIG` names when `BOB_E2E_REGISTRY` and
+//! `BOB_E2E_IMAGE` say which registry and image it uses (README "End-to-end tests").
+//!
+//! Without an API server it prints one line saying why and reports the scenarios ignored;
+//! `BOB_E2E=required` (set by `.ci/run`) makes that a failure, `BOB_E2E=off` skips on purpose.
+//! Each scenario runs alone with `cargo test --test e2e <name>`; the benchmark is an ignored
+//! trial: `cargo test --release --test e2e -- --ignored benchmark`.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod apiserver;
+mod bench;
+mod builds;
+mod counter;
+mod daemon;
+mod install;
+mod kubectl;
+mod rbac;
+mod scenario;
+mod scenarios;
+mod scenarios_ops;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::process::ExitCode;
+
+use apiserver::Target;
+use libtest_mimic::{Arguments, Trial};
+
+/// A scenario: an async function of the target.
+pub type Run = fn(Target) -> Pin<Box<dyn Future<Output = scenario::Scenario> + Send>>;
+
+fn main() -> ExitCode {
+    let args = Arguments::from_args();
+    let target = Target::detect();
+    let mut runs: Vec<(&str, Run, bool)> = scenarios::ALL.iter().map(|(n, r)| (*n, *r, false)).collect();
+    runs.extend(scenarios_ops::ALL.iter().map(|(n, r)| (*n, *r, false)));
+    runs.push(("benchmark", bench::run, true));
+    let trials: Vec<Trial> = match &target {
+        Ok(t) => {
+            eprintln!("e2e: API server: {}", t.describe());
+            // A missing renderer is a missing component: every scenario fails, saying what to run.
+            let renderer = install::renderer_ready();
+            runs.into_iter()
+                .map(|(name, run, ignored)| {
+                    let t = t.clone();
+                    let renderer = renderer.clone();
+                    Trial::test(name, move || {
+                        renderer?;
+                        common::init();
+                        let rt = tokio::runtime::Builder::new_multi_thread()
+                            .worker_threads(2)
+                            .enable_all()
+                            .build()
+                            .unwrap();
+                        rt.block_on(async { run(t).await.finish().await });
+                        rt.shutdown_timeout(std::time::Duration::from_secs(5));
+                        Ok(())
+                    })
+                    .with_ignored_flag(ignored)
+                })
+                .collect()
+        }
+        Err(why) if std::env::var("BOB_E2E").as_deref() == Ok("required") => {
+            eprintln!("e2e: BOB_E2E=required but {why}");
+            return ExitCode::FAILURE;
+        }
+        Err(why) => {
+            eprintln!("e2e: skipped: {why}");
+            let why = why.clone();
+            runs.into_iter()
+                .map(|(name, _, _)| {
+                    let why = why.clone();
+                    Trial::test(name, move || Err(format!("skipped: {why}").into())).with_ignored_flag(true)
+                })
+                .collect()
+        }
+    };
+    let mut trials = trials;
+    trials.push(Trial::test("rbac_request_mapping", || {
+        rbac::mapping_self_check();
+        Ok(())
+    }));
+    libtest_mimic::run(&args, trials).exit_code()
+}
