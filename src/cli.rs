@@ -7,6 +7,7 @@ use crate::build::BuildArgs;
 use crate::controller::ControllerArgs;
 use crate::copy::CopyArgs;
 use crate::local::RunArgs;
+use crate::logs::LogsArgs;
 use crate::proxy::ProxyArgs;
 
 /// bob: a Kubernetes-native builder of workspace images.
@@ -29,10 +30,12 @@ pub enum Command {
     Controller(ControllerArgs),
     /// Run one ImageBuild locally (no cluster): resolve, check the cache, build, verify, print status.
     Run(RunArgs),
-    /// Print the ImageBuild CRD (YAML) generated from the Rust types.
+    /// Print the CRDs (ImageBuild, BuildLog) as YAML, generated from the Rust types.
     Crd,
     /// Copy an image (or a whole index) between registries, keeping its digest.
     Copy(CopyArgs),
+    /// Print an ImageBuild's build log (-f: follow it while it runs); as a kubectl plugin too.
+    Logs(LogsArgs),
 }
 
 #[cfg(test)]

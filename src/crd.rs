@@ -330,9 +330,25 @@ pub struct ImageBuildStatus {
     /// Details of a failure.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure: Option<BuildFailure>,
+    /// Where each attempt's build log is kept (`bob logs NAME --attempt N` reads it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log_refs: Vec<LogRef>,
 }
 
-/// The CRD as YAML, as `bob crd` prints it and `crds/imagebuild.yaml` holds it.
+/// Where an attempt's log is: a `BuildLog` of the ImageBuild's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct LogRef {
+    /// The attempt of this generation.
+    pub attempt: i32,
+    /// The `BuildLog` (named after the build pod).
+    pub build_log: String,
+}
+
+/// The CRDs as YAML, as `bob crd` prints them and `crds/imagebuild.yaml` holds them: the
+/// ImageBuild, then the BuildLog its builds' logs are kept in.
 pub fn crd_yaml() -> String {
-    serde_saphyr::to_string(&ImageBuild::crd()).expect("the CRD serialises")
+    let ib = serde_saphyr::to_string(&ImageBuild::crd()).expect("the CRD serialises");
+    let log = serde_saphyr::to_string(&crate::logs::store::BuildLog::crd()).expect("the CRD serialises");
+    format!("{ib}---\n{log}")
 }

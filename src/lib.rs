@@ -12,6 +12,7 @@ pub mod crd;
 pub mod duration;
 pub mod key;
 pub mod local;
+pub mod logs;
 pub mod oci;
 pub mod process;
 pub mod proxy;

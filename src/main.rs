@@ -6,6 +6,7 @@ use bob::cli::{Cli, Command};
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // Installed as `kubectl-bob`, bob is a kubectl plugin: `kubectl bob logs NAME`.
     let cli = Cli::parse();
     bob::telemetry::init();
     // reqwest is built without a default crypto provider: pick ring once, before any client.
@@ -21,6 +22,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Proxy(args) => bob::proxy::run(args).await?,
             Command::Copy(args) => bob::copy::run(args).await?,
+            Command::Logs(args) => bob::logs::run(args).await?,
             Command::Controller(args) => bob::controller::run(args).await?,
             Command::Crd => print!("{}", bob::crd::crd_yaml()),
             Command::Run(args) => {

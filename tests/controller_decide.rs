@@ -376,3 +376,29 @@ fn every_transition_that_writes_has_a_phase_and_every_terminal_one_a_reason() {
     }
     assert!(checked.len() >= 2, "{checked:?}");
 }
+
+#[test]
+fn each_attempt_records_where_its_log_is_and_ships_it_while_it_runs() {
+    let mut o = planned();
+    o.created = Some(Created::Created);
+    let t = act(decide(&ib(5, None), &o, &settings(None)));
+    let name = status(&t).pod_name.clone().unwrap();
+    assert_eq!(status(&t).log_refs, [bob::crd::LogRef { attempt: 1, build_log: name.clone() }]);
+    assert!(t.effects.contains(&Effect::ShipLog { pod: name.clone(), attempt: 1 }));
+    // While it runs, the shipping is ensured again (after a controller restart too).
+    let mut running = seen();
+    running.pod = Some(Some(pod(json!({"phase": "Running"}))));
+    let b = ib(60, Some(serde_json::to_value(status(&t)).unwrap()));
+    let t2 = act(decide(&b, &running, &settings(None)));
+    assert!(t2.effects.contains(&Effect::ShipLog { pod: name.clone(), attempt: 1 }), "{t2:?}");
+    // A retry's attempt adds its own entry; the first stays.
+    let mut retried = serde_json::to_value(status(&t)).unwrap();
+    retried["phase"] = json!("Pending");
+    retried["podName"] = Value::Null;
+    retried["nextAttemptAt"] = json!((now() - SignedDuration::from_secs(1)).to_string());
+    let mut o2 = planned();
+    o2.created = Some(Created::Created);
+    let t3 = act(decide(&ib(60, Some(retried)), &o2, &settings(None)));
+    let refs: Vec<i32> = status(&t3).log_refs.iter().map(|r| r.attempt).collect();
+    assert_eq!(refs, [1, 2]);
+}

@@ -203,7 +203,8 @@ fn the_controllers_types_read_objects_written_by_a_newer_crd() {
         "spec": {"source": {"image": {"ref": "reg.test/a:1"}}, "workspaceImageRepository": "reg.test/ws",
                  "cache": {"scope": "team"}},
         "status": {"phase": "Archived", "reason": "SomethingNew", "observedGeneration": 1,
-                   "failure": {"reason": "SomethingNew", "message": "x"}, "logRefs": [{"attempt": 1}]}});
+                   "failure": {"reason": "SomethingNew", "message": "x"}, "layerCache": {"hits": 3},
+                   "logRefs": [{"attempt": 1, "buildLog": "p-1", "bytes": 9}]}});
     let ib: ImageBuild = serde_json::from_value(newer).expect("a newer object reads");
     let s = ib.status.unwrap();
     assert_eq!((s.phase, s.reason), (None, None), "unknown values read as unknown");

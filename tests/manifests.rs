@@ -58,9 +58,14 @@ fn kustomize_builds_the_crd_rbac_and_controller() {
     ] {
         assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
     }
-    let crd = docs.iter().find(|d| d["kind"] == "CustomResourceDefinition").unwrap();
-    let generated: Value = serde_saphyr::from_str(&bob::crd::crd_yaml()).unwrap();
-    assert_eq!(crd["spec"], generated["spec"], "the kustomize CRD is the generated one");
+    let crds: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "CustomResourceDefinition").collect();
+    let generated: Vec<Value> = serde_saphyr::from_multiple(&bob::crd::crd_yaml()).unwrap();
+    assert_eq!(crds.len(), generated.len(), "every CRD is installed");
+    for want in &generated {
+        let kind = &want["spec"]["names"]["kind"];
+        let crd = crds.iter().find(|c| &c["spec"]["names"]["kind"] == kind).expect("each CRD is installed");
+        assert_eq!(crd["spec"], want["spec"], "the kustomize CRD of {kind} is the generated one");
+    }
     let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
     assert_eq!(deployment["metadata"]["namespace"], "bob-system");
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];

@@ -12,14 +12,18 @@ use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
+use std::time::Duration;
+
 use super::decide::{Count, Created, Effect, Failure, Need, Next, Observed, Slots, Transition};
 use super::engine::World;
+use super::logship::{self, Shipment};
 use super::metrics::{OutcomeLabels, ReasonLabel};
 use super::pod::{BUILD_POD_SELECTOR, CONTAINER_BUILD};
 use super::policy::owner_done;
 use super::resolve::{self, GitAuth};
 use super::{Context, Error, FIELD_MANAGER};
 use crate::crd::ImageBuild;
+use crate::logs::store::Redactor;
 use crate::oci::client::Client;
 use crate::oci::{Reference, Secret as Sensitive};
 use crate::reason::Reason;
@@ -267,6 +271,7 @@ pub async fn act(ib: &ImageBuild, ctx: &Context, t: Transition) -> Result<Action
             Effect::Event { warning, reason, note } => event(ctx, ib, warning, &reason, &note).await,
             Effect::Cleanup(pod) => cleanup(ib, ctx, &pod).await,
             Effect::Count(c) => count(ctx, c),
+            Effect::ShipLog { pod, attempt } => ship_log(ib, ctx, pod, attempt).await,
         }
     }
     Ok(match t.next {
@@ -332,10 +337,12 @@ async fn event(ctx: &Context, ib: &ImageBuild, warning: bool, reason: &str, note
 /// Deletes a finished pod once every owner has its evidence or follows another pod; keeps it
 /// while any owner still follows it (a shared build others wait for).
 async fn cleanup(ib: &ImageBuild, ctx: &Context, pod: &str) {
+    let ns = ib.namespace().unwrap_or_default();
+    // The pod's output is stored before the pod goes (the shipment ends with the containers).
+    ctx.logs.shipped(&ns, pod, Duration::from_secs(15)).await;
     if ctx.settings.policy.keep_finished_pods {
         return;
     }
-    let ns = ib.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let builds: Api<ImageBuild> = Api::namespaced(ctx.client.clone(), &ns);
     let Ok(Some(found)) = pods.get_opt(pod).await else { return };
@@ -360,4 +367,29 @@ async fn cleanup(ib: &ImageBuild, ctx: &Context, pod: &str) {
         Ok(_) => tracing::info!(pod, "deleted the finished build pod"),
         Err(e) => tracing::debug!(pod, error = %e, "cannot delete the build pod"),
     }
+}
+
+/// Starts shipping a build pod's log (unless that is being done), with the values of the
+/// ImageBuild's Secrets to redact.
+async fn ship_log(ib: &ImageBuild, ctx: &Context, pod: String, attempt: u32) {
+    let ns = ib.namespace().unwrap_or_else(|| "default".into());
+    if ctx.logs.is_shipping(&ns, &pod) {
+        return;
+    }
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let value = |name: Option<String>, key: &'static str| {
+        let secrets = secrets.clone();
+        async move {
+            let secret = secrets.get_opt(&name?).await.ok().flatten()?;
+            secret.data?.get(key).map(|b| String::from_utf8_lossy(&b.0).into_owned())
+        }
+    };
+    let registry =
+        value(ib.spec.registry_auth.as_ref().map(|a| a.secret_ref.name.clone()), ".dockerconfigjson").await;
+    let git_secret =
+        ib.spec.source.dockerfile.as_ref().and_then(|d| d.git.as_ref()?.credentials_secret_ref.clone());
+    let git = value(git_secret.map(|r| r.name), "password").await;
+    let redactor = Redactor::new(logship::secret_values(registry.as_deref(), git.as_deref()));
+    let what = Shipment { namespace: ns, pod, attempt, image_build: ib.name_any() };
+    ctx.logs.ensure(ctx.client.clone(), what, redactor);
 }

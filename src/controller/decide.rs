@@ -13,7 +13,7 @@ use super::policy::{AfterFailure, queue_limit, wait_backoff};
 use super::status::{self, PodState, observe};
 pub use super::step::*;
 use crate::build::BuildResult;
-use crate::crd::{BuildFailure, ImageBuild, ImageBuildStatus, ImageRef, Phase};
+use crate::crd::{BuildFailure, ImageBuild, ImageBuildStatus, ImageRef, LogRef, Phase};
 use crate::reason::Reason;
 
 /// Decides what to look at next, or what to do.
@@ -68,6 +68,8 @@ fn start(ib: &ImageBuild, old: ImageBuildStatus, attempt: u32, seen: &Observed, 
         conditions: old.conditions.clone(),
         attempts: (attempt > 1).then_some(attempt as i32 - 1),
         failure: old.failure.clone().filter(|_| attempt > 1),
+        // Earlier attempts' logs of this generation stay listed.
+        log_refs: if same_generation { old.log_refs.clone() } else { Vec::new() },
         ..Default::default()
     };
     match &seen.credentials {
@@ -140,10 +142,14 @@ fn start(ib: &ImageBuild, old: ImageBuildStatus, attempt: u32, seen: &Observed, 
             return Step::Act(finish(status::failed_with(s, f.reason, f.message, now)));
         }
     };
+    s.log_refs.retain(|r| r.attempt != attempt as i32);
+    s.log_refs.push(LogRef { attempt: attempt as i32, build_log: pod_name.clone() });
+    let mut effects = vec![
+        Effect::Event { warning: false, reason: "Building".into(), note: message.clone() },
+        Effect::ShipLog { pod: pod_name.clone(), attempt },
+    ];
     s.pod_name = Some(pod_name);
     s.attempts = Some(attempt as i32);
-    let mut effects =
-        vec![Effect::Event { warning: false, reason: "Building".into(), note: message.clone() }];
     if *created != Created::Found {
         let waited = s.start_time.as_ref().map_or(0.0, |t| now.duration_since(t.0).as_secs_f64().max(0.0));
         effects.push(Effect::Count(Count::PodStarted { created: *created == Created::Created, waited }));
@@ -164,6 +170,8 @@ fn follow(old: ImageBuildStatus, seen: &Observed, cfg: &Settings) -> Step {
         }
         Some(Some(pod)) => pod,
     };
+    // A running build's log is shipped (again, after a controller restart) while it runs.
+    let ship = Effect::ShipLog { pod: pod_name.clone(), attempt: old.attempts.unwrap_or(1).max(1) as u32 };
     let progress = |reason: Option<Reason>, message: String, phase: Phase| {
         let status = status::in_progress(old.clone(), phase, reason, &message, now);
         let changed = old.reason != reason
@@ -171,7 +179,7 @@ fn follow(old: ImageBuildStatus, seen: &Observed, cfg: &Settings) -> Step {
             || old.phase != Some(phase);
         Step::Act(Transition {
             status: changed.then_some(status),
-            effects: Vec::new(),
+            effects: vec![ship.clone()],
             next: Next::After(POLL),
         })
     };

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod decide;
 pub mod engine;
 pub mod ha;
+pub mod logship;
 pub mod metrics;
 pub mod plan;
 pub mod pod;
@@ -127,6 +128,9 @@ pub struct ControllerArgs {
     /// Keep finished build pods instead of deleting them once their evidence is in status.
     #[arg(long, env = "BOB_KEEP_FINISHED_PODS")]
     pub keep_finished_pods: bool,
+    /// How long build logs (BuildLog objects) are kept; an ImageBuild's go with it anyway.
+    #[arg(long, env = "BOB_LOG_RETENTION", default_value = "168h", value_parser = duration::parse)]
+    pub log_retention: Duration,
     /// Build pods that may run at once, cluster-wide; more ImageBuilds wait Queued (0: no limit).
     #[arg(long, env = "BOB_MAX_CONCURRENT_BUILDS", default_value_t = 20)]
     pub max_concurrent_builds: usize,
@@ -156,6 +160,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// The controller's cache of ImageBuilds (the queue's order); `None` outside a Controller.
     pub store: Option<Store<ImageBuild>>,
+    /// The build logs being shipped.
+    pub logs: logship::Shipper,
     registries: Mutex<HashMap<String, Arc<Client>>>,
 }
 
@@ -175,6 +181,7 @@ impl Context {
             settings,
             metrics: Arc::default(),
             store: None,
+            logs: logship::Shipper::default(),
             registries: Mutex::default(),
         }
     }
@@ -273,6 +280,9 @@ pub async fn run(args: ControllerArgs) -> Result<(), StartError> {
         Box::pin(futures::future::pending())
     };
     ctx.metrics.leader.set(1);
+    // The leader alone deletes expired build logs.
+    let sweeper =
+        tokio::spawn(logship::sweep(ctx.client.clone(), args.namespace.clone(), args.log_retention));
     tracing::info!(image = %args.image, namespace = ?args.namespace, admin = %args.admin_addr, "bob controller started");
     controller
         .shutdown_on_signal()
@@ -284,6 +294,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), StartError> {
             }
         })
         .await;
+    sweeper.abort();
     // The controller (and with it the leadership channel) is gone: let the lease be released.
     if let Some(task) = lease_task {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;

@@ -164,8 +164,16 @@ pub enum Effect {
         /// Its note.
         note: String,
     },
-    /// Delete this finished pod once no other owner needs it.
+    /// Delete this finished pod once no other owner needs it (and its log is shipped).
     Cleanup(String),
+    /// Ship the log of this build pod (attempt `attempt`) into its `BuildLog` while it runs, if
+    /// that is not already being done.
+    ShipLog {
+        /// The pod.
+        pod: String,
+        /// Its attempt.
+        attempt: u32,
+    },
     /// A metric.
     Count(Count),
 }

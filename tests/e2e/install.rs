@@ -75,7 +75,15 @@ impl Release {
         kubectl.ok(&apply, Some(&stream(self.of_kind(true)))).await;
         kubectl
             .ok(
-                &["wait", "--for", "condition=established", "--timeout", "30s", "crd/imagebuilds.bob.dev"],
+                &[
+                    "wait",
+                    "--for",
+                    "condition=established",
+                    "--timeout",
+                    "30s",
+                    "crd/imagebuilds.bob.dev",
+                    "crd/buildlogs.bob.dev",
+                ],
                 None,
             )
             .await;

@@ -229,6 +229,16 @@ impl Scenario {
         s
     }
 
+    /// The kubeconfig of a user of the API server (what `kubectl` and `bob logs` use).
+    pub fn kubeconfig(&self) -> &std::path::Path {
+        &self.api.kubeconfig
+    }
+
+    /// The registry Secret's password (to prove it never reaches a log).
+    pub fn password(&self) -> &'static str {
+        PASSWORD
+    }
+
     /// `kubectl create secret docker-registry reg` for the scenario's registry.
     pub async fn create_secret(&self) {
         let args = [
