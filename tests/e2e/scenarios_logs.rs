@@ -221,7 +221,17 @@ async fn cancelled_and_timed_out_builds_keep_their_logs(t: Target) -> Scenario {
     let mut spec = s.dockerfile("RUN echo e2e-started && sleep 300");
     spec["timeouts"] = json!({"build": "40s"});
     long_build(&s, "timed-out", spec).await;
+    // `bob logs -f` follows the running build and ends when its containers do.
+    let follower = {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_bob"));
+        cmd.args(["logs", "-f", "timed-out", "-n", &s.ns]).env_clear();
+        cmd.env("PATH", std::env::var_os("PATH").unwrap_or_default()).env("KUBECONFIG", s.kubeconfig());
+        std::thread::spawn(move || cmd.output().unwrap())
+    };
     let st = s.finished("timed-out", Duration::from_secs(90)).await;
+    let followed = tokio::task::spawn_blocking(move || follower.join().unwrap()).await.unwrap();
+    assert!(followed.status.success(), "{}", text(&followed.stderr));
+    assert!(text(&followed.stdout).contains("e2e-started"), "followed live: {}", text(&followed.stdout));
     assert_eq!(
         (st["phase"].as_str(), st["reason"].as_str()),
         (Some("Failed"), Some("BuildTimeout")),
