@@ -18,7 +18,7 @@ pub enum ProxyError {
     },
     /// The repository is neither an alias nor a mirror route.
     #[error(
-        "repository {name:?} is not served by this proxy (use base, target or an allowed mirror reference)"
+        "repository {name:?} is not served by this proxy (use base, target, cache or an allowed mirror reference)"
     )]
     NameUnknown {
         /// The repository name asked for.

@@ -59,6 +59,8 @@ impl ManifestRef {
 pub struct Proxy {
     pub(super) base: Option<AliasTarget>,
     pub(super) target: Option<AliasTarget>,
+    /// The layer cache of this build's scope; its tags pass as they are (step keys).
+    pub(super) cache: Option<AliasTarget>,
     pub(super) base_read_only: bool,
     pub(super) mirror: MirrorPolicy,
     pub(super) upstream: Transport,
@@ -127,8 +129,10 @@ impl Proxy {
                         });
                     }
                 }
-                // Tags are forced to the planned reference; digests pass (index children).
+                // Tags are forced to the planned reference; digests pass (index children). The
+                // cache's tags are step keys (the router let only those through) and pass too.
                 let upstream_ref = match &reference {
+                    ManifestRef::Tag(key) if a == Alias::Cache => key.as_str(),
                     ManifestRef::Tag(_) => t.planned.as_str(),
                     ManifestRef::Digest(d) => d.as_str(),
                 };
@@ -149,7 +153,7 @@ impl Proxy {
             Route::UploadStart(a) => {
                 let t = self.alias(a)?;
                 self.writable(a)?;
-                let UploadQuery { pairs, mut scopes } = self.upload_query(t, &query)?;
+                let UploadQuery { pairs, mut scopes } = self.upload_query(a, t, &query)?;
                 scopes.insert(0, repository_scope(&t.repository, true));
                 // Beyond the cap nothing is opened upstream (429); live sessions are never evicted.
                 let slot = self.uploads.reserve(a)?;
@@ -219,6 +223,7 @@ impl Proxy {
         match a {
             Alias::Base => self.base.as_ref(),
             Alias::Target => self.target.as_ref(),
+            Alias::Cache => self.cache.as_ref(),
         }
         .ok_or(ProxyError::AliasUnset { alias: a.name() })
     }
@@ -239,14 +244,19 @@ impl Proxy {
     /// The upstream query of an upload start: `mount`/`from` rewritten from an alias to its real
     /// repository when both live on one registry (else dropped: the client gets a plain upload),
     /// and `digest` for monolithic uploads. Returns the extra token scopes the mount needs.
-    fn upload_query(&self, t: &AliasTarget, query: &str) -> Result<UploadQuery, ProxyError> {
+    fn upload_query(&self, alias: Alias, t: &AliasTarget, query: &str) -> Result<UploadQuery, ProxyError> {
         let mut pairs = Vec::new();
         let mut scopes = Vec::new();
         if let (Some(mount), Some(from)) = (query_value(query, "mount"), query_value(query, "from")) {
             check_digest(&mount)?;
+            // Nothing is mounted into the cache: its repository only ever links blobs its own
+            // scope uploaded (buildah falls back to a plain upload). A step's layer the cache
+            // holds may be mounted into this build's own images, so a cold build pushes it once.
             let source = match from.as_str() {
+                _ if alias == Alias::Cache => None,
                 "base" => self.base.as_ref(),
                 "target" => self.target.as_ref(),
+                "cache" => self.cache.as_ref(),
                 _ => None,
             };
             match source {

@@ -1,6 +1,7 @@
 //! `bob proxy`: the registry reverse proxy that alone holds the registry credentials in a build
-//! pod. It maps the aliases `base` and `target` to the planned repositories, serves the declared
-//! `FROM` images read-only on a mirror route, and refuses everything else.
+//! pod. It maps the aliases `base` and `target` to the planned repositories and `cache` to the
+//! scope's layer cache repository, serves the declared `FROM` images read-only on a mirror route,
+//! and refuses everything else.
 
 pub mod error;
 pub mod forward;
@@ -39,6 +40,12 @@ pub enum Error {
         /// Why it is invalid (the error names the value).
         #[source]
         source: crate::oci::reference::Error,
+    },
+    /// The layer cache repository is not a repository.
+    #[error("invalid BOB_PROXY_CACHE_REPOSITORY {value:?}: a repository without tag or digest")]
+    CacheRepository {
+        /// The value given.
+        value: String,
     },
     /// The mirror references do not parse.
     #[error("invalid BOB_PROXY_MIRROR_REFS")]
@@ -99,6 +106,10 @@ pub struct ProxyArgs {
     /// Real image reference that the `target` alias maps to (the workspace image).
     #[arg(long, env = "BOB_PROXY_TARGET_REF")]
     pub target_ref: Option<String>,
+    /// Real repository that the `cache` alias maps to: this build's layer cache scope (e.g.
+    /// registry.example/bob-cache/<namespace>/<scope>); its tags are build-step keys.
+    #[arg(long, env = "BOB_PROXY_CACHE_REPOSITORY")]
+    pub cache_repository: Option<String>,
     /// Refuse writes to `base` (image sources: the base is an existing image).
     #[arg(long, env = "BOB_PROXY_BASE_READ_ONLY")]
     pub base_read_only: bool,
@@ -150,6 +161,7 @@ impl ProxyArgs {
             addr: "127.0.0.1:0".into(),
             base_ref,
             target_ref,
+            cache_repository: None,
             base_read_only: false,
             mirror_refs: String::new(),
             auth_file: None,
@@ -191,6 +203,18 @@ impl ProxyArgs {
         };
         let base = alias("BOB_PROXY_BASE_REF", &self.base_ref)?;
         let target = alias("BOB_PROXY_TARGET_REF", &self.target_ref)?;
+        let cache = match self.cache_repository.as_deref().map(str::trim).filter(|v| !v.is_empty()) {
+            Some(v) => {
+                let bad = || Error::CacheRepository { value: v.to_string() };
+                // A repository only: buildah names the tags (the steps' keys).
+                let r = crate::oci::reference::parse(v).map_err(|_| bad())?;
+                if r.digest().is_some() || v.rsplit('/').next().is_some_and(|last| last.contains(':')) {
+                    return Err(bad());
+                }
+                Some(AliasTarget::from(&r))
+            }
+            None => None,
+        };
         let mirror = mirror::MirrorPolicy::parse(&self.mirror_refs).map_err(Error::Mirror)?;
         let creds = match (&self.auth_file, &self.auth) {
             (Some(path), _) => CredentialStore::file(path),
@@ -206,7 +230,7 @@ impl ProxyArgs {
         };
         let endpoints = Endpoints::new(&self.insecure_registries);
         tracing::info!(
-            base = ?base, target = ?target, base_read_only = self.base_read_only,
+            base = ?base, target = ?target, cache = ?cache, base_read_only = self.base_read_only,
             mirror = ?mirror.refs().iter().map(|r| r.whole()).collect::<Vec<_>>(),
             credentials = %creds.describe(), "proxy configured"
         );
@@ -214,6 +238,7 @@ impl ProxyArgs {
         Ok(Proxy {
             base,
             target,
+            cache,
             base_read_only: self.base_read_only,
             mirror,
             upstream,

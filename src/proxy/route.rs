@@ -5,13 +5,16 @@ use http::Method;
 
 use super::error::ProxyError;
 
-/// The two repositories a build may write to, by the names the build uses.
+/// The repositories a build may write to, by the names the build uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Alias {
     /// `base`: the Dockerfile phase's output (read-only for image sources).
     Base,
     /// `target`: the workspace image.
     Target,
+    /// `cache`: the layer cache of this build's scope. Its tags are buildah's step keys (never
+    /// forced to a planned tag); only what `--cache-from`/`--cache-to` need is allowed.
+    Cache,
 }
 
 impl Alias {
@@ -20,6 +23,7 @@ impl Alias {
         match self {
             Alias::Base => "base",
             Alias::Target => "target",
+            Alias::Cache => "cache",
         }
     }
 
@@ -27,9 +31,16 @@ impl Alias {
         match name {
             "base" => Some(Alias::Base),
             "target" => Some(Alias::Target),
+            "cache" => Some(Alias::Cache),
             _ => None,
         }
     }
+}
+
+/// Whether a tag is a build-step key as buildah 1.28 writes them to `--cache-to` (the hex
+/// sha256 of the step's parent and instruction): the only tags of the `cache` alias.
+pub fn is_cache_key(tag: &str) -> bool {
+    tag.len() == 64 && tag.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The repository a request is about.
@@ -113,6 +124,26 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ProxyError> {
     };
     let repo = repo_of(name)?;
     match (op, repo) {
+        (Op::Manifest(r), Repo::Alias(Alias::Cache)) => {
+            // buildah reads and writes a cached step by its key only; a manifest by digest, or
+            // any other tag, is nothing its cache needs.
+            let reference = manifest_ref(r)?;
+            match &reference {
+                ManifestRef::Tag(t) if is_cache_key(t) => {}
+                ManifestRef::Tag(t) => {
+                    return Err(ProxyError::Denied {
+                        reason: format!("cache tags are build-step keys (64 hex digits), not {t:?}"),
+                    });
+                }
+                ManifestRef::Digest(_) => {
+                    return Err(ProxyError::Denied {
+                        reason: "the cache serves manifests by build-step key only".into(),
+                    });
+                }
+            }
+            let repo = Repo::Alias(Alias::Cache);
+            allow(method, &[Method::GET, Method::HEAD, Method::PUT], Route::Manifest { repo, reference })
+        }
         (Op::Manifest(r), repo) => {
             let reference = manifest_ref(r)?;
             let methods: &[Method] = match repo {
@@ -136,6 +167,8 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ProxyError> {
         (Op::UploadStart | Op::Upload(_), Repo::Mirror { .. }) => {
             Err(ProxyError::Denied { reason: "the mirror route is read-only".into() })
         }
+        // The cache's tag list would name every step cached in the scope; buildah never asks.
+        (Op::TagsList, Repo::Alias(Alias::Cache)) => Err(ProxyError::NotFound { path: path.to_string() }),
         (Op::TagsList, Repo::Alias(a)) => allow(method, &[Method::GET], Route::TagsList(a)),
         // A mirror's tag list would show every tag of a repository the build may read one of.
         (Op::TagsList, Repo::Mirror { .. }) => Err(ProxyError::NotFound { path: path.to_string() }),
@@ -304,6 +337,56 @@ mod tests {
         );
         assert_eq!(ok(Method::GET, "/v2/target/tags/list"), Route::TagsList(Alias::Target));
         assert_eq!(ok(Method::GET, "/v2/base/tags/list"), Route::TagsList(Alias::Base));
+    }
+
+    #[test]
+    fn the_cache_alias_allows_only_what_buildahs_cache_needs() {
+        // The requests buildah 1.28 makes for `--cache-from`/`--cache-to` (read from a registry's
+        // access log): manifests by step key, blobs, uploads.
+        let key = "5c1ef51cc026a25f7b8d97b65d7b5469923c3af99806e308ac76f0e085ad1266";
+        let cache = || Repo::Alias(Alias::Cache);
+        for m in [Method::GET, Method::HEAD, Method::PUT] {
+            assert_eq!(
+                ok(m, &format!("/v2/cache/manifests/{key}")),
+                Route::Manifest { repo: cache(), reference: ManifestRef::Tag(key.into()) }
+            );
+        }
+        for m in [Method::GET, Method::HEAD] {
+            assert_eq!(
+                ok(m, &format!("/v2/cache/blobs/{D}")),
+                Route::Blob { repo: cache(), digest: D.into() }
+            );
+        }
+        assert_eq!(ok(Method::POST, "/v2/cache/blobs/uploads/"), Route::UploadStart(Alias::Cache));
+        for m in [Method::GET, Method::PATCH, Method::PUT, Method::DELETE] {
+            assert_eq!(
+                ok(m, "/v2/cache/blobs/uploads/abc123"),
+                Route::Upload { alias: Alias::Cache, id: "abc123".into() }
+            );
+        }
+        use ProxyError::*;
+        type Check = fn(&ProxyError) -> bool;
+        let upper = key.to_uppercase();
+        let refused: Vec<(Method, String, Check)> = vec![
+            (Method::GET, "/v2/cache/manifests/latest".into(), |e| matches!(e, Denied { .. })),
+            (Method::PUT, "/v2/cache/manifests/latest".into(), |e| matches!(e, Denied { .. })),
+            (Method::PUT, format!("/v2/cache/manifests/{upper}"), |e| matches!(e, Denied { .. })),
+            (Method::PUT, format!("/v2/cache/manifests/{}", &key[1..]), |e| matches!(e, Denied { .. })),
+            (Method::GET, format!("/v2/cache/manifests/{D}"), |e| matches!(e, Denied { .. })),
+            (Method::PUT, format!("/v2/cache/manifests/{D}"), |e| matches!(e, Denied { .. })),
+            (Method::DELETE, format!("/v2/cache/manifests/{key}"), |e| matches!(e, MethodNotAllowed { .. })),
+            (Method::DELETE, format!("/v2/cache/blobs/{D}"), |e| matches!(e, MethodNotAllowed { .. })),
+            (Method::PUT, format!("/v2/cache/blobs/{D}"), |e| matches!(e, MethodNotAllowed { .. })),
+            (Method::GET, "/v2/cache/tags/list".into(), |e| matches!(e, NotFound { .. })),
+            (Method::GET, format!("/v2/cache/other/manifests/{key}"), |e| matches!(e, NameUnknown { .. })),
+            (Method::GET, format!("/v2/other/cache/manifests/{key}"), |e| matches!(e, NameUnknown { .. })),
+            (Method::GET, format!("/v2/cache/../base/manifests/{key}"), |e| matches!(e, NameInvalid { .. })),
+            (Method::PATCH, "/v2/cache/blobs/uploads/a-b".into(), |e| matches!(e, UploadUnknown)),
+        ];
+        for (m, p, check) in refused {
+            let e = route(&m, &p).expect_err(&p);
+            assert!(check(&e), "{m} {p}: {e:?}");
+        }
     }
 
     #[test]

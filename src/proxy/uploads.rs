@@ -190,11 +190,7 @@ pub async fn sweep(proxy: Arc<Proxy>) {
 impl Proxy {
     /// DELETEs an abandoned upload upstream, so it holds no space or session there.
     async fn cancel_upload(&self, alias: Alias, url: Url) {
-        let target = match alias {
-            Alias::Base => self.base.as_ref(),
-            Alias::Target => self.target.as_ref(),
-        };
-        let Some(t) = target else { return };
+        let Ok(t) = self.alias(alias) else { return };
         let scopes = vec![repository_scope(&t.repository, true)];
         // The transport gives credentials only to the registry's own origin.
         let req = transport::Request::new(Method::DELETE, &t.host, url, scopes);
