@@ -62,7 +62,9 @@ oci_busybox_layout() {
   gzip -n -9 "$out/layer.tar"
   local ld ls; ld=$(sha256sum "$out/layer.tar.gz" | cut -d' ' -f1); ls=$(stat -c%s "$out/layer.tar.gz")
   mv "$out/layer.tar.gz" "$out/blobs/sha256/$ld"
-  jq -cn --arg d "sha256:$diffid" '{architecture:"amd64",os:"linux",config:{Env:["PATH=/bin"],Cmd:["/bin/sh"]},rootfs:{type:"layers",diff_ids:[$d]}}' > "$out/c"
+  # A history entry per layer, as Dockerfile-built images have (buildah 1.28 needs one to commit a
+  # layer per step on top of it, and to match cached steps).
+  jq -cn --arg d "sha256:$diffid" '{architecture:"amd64",os:"linux",config:{Env:["PATH=/bin"],Cmd:["/bin/sh"]},rootfs:{type:"layers",diff_ids:[$d]},history:[{created:"1970-01-01T00:00:00Z",created_by:"busybox-static"}]}' > "$out/c"
   local cd cs; cd=$(sha256sum "$out/c" | cut -d' ' -f1); cs=$(stat -c%s "$out/c"); mv "$out/c" "$out/blobs/sha256/$cd"
   jq -cn --arg c "sha256:$cd" --argjson cs "$cs" --arg l "sha256:$ld" --argjson ls "$ls" \
     '{schemaVersion:2,mediaType:"application/vnd.oci.image.manifest.v1+json",config:{mediaType:"application/vnd.oci.image.config.v1+json",digest:$c,size:$cs},layers:[{mediaType:"application/vnd.oci.image.layer.v1.tar+gzip",digest:$l,size:$ls}]}' > "$out/m"

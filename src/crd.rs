@@ -74,6 +74,9 @@ pub struct ImageBuildSpec {
     pub timeouts: Option<Timeouts>,
     /// Scheduling and resources of the build pod.
     pub pod: Option<PodOptions>,
+    /// The layer cache of Dockerfile builds: unchanged steps are reused from a registry
+    /// repository instead of run again. On when the controller has a cache repository.
+    pub layer_cache: Option<LayerCacheSpec>,
 }
 
 /// The source of the base image.
@@ -169,6 +172,33 @@ pub struct Timeouts {
     #[x_kube(validation = Rule::new(duration_rule()).message(DURATION_MESSAGE))]
     #[schemars(length(max = 32))]
     pub build: Option<String>,
+}
+
+/// One or more lowercase path components: a layer cache scope.
+pub const SCOPE_RE: &str =
+    r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$";
+
+/// The layer cache (docs/build.md, "Layer cache"). Each scope is its own repository,
+/// `<repository>/<namespace>/<scope>`: a build reads and writes only its scope's, through the
+/// proxy. The cache makes builds faster; it never decides that one is unnecessary, and a cache
+/// that cannot be used never fails a build.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct LayerCacheSpec {
+    /// Build without the layer cache.
+    #[serde(default)]
+    pub disabled: bool,
+    /// Repository below which the scopes' caches live (default: the controller's
+    /// `--layer-cache-repository`).
+    #[x_kube(validation = Rule::new(format!("self.matches(r'{REPOSITORY_RE}')")).message("must be a repository without tag or digest, e.g. registry.example.com/bob-cache"))]
+    #[schemars(length(max = 200))]
+    pub repository: Option<String>,
+    /// Who shares cached steps within the namespace (default: the ImageBuild's name). Every
+    /// Dockerfile built in a scope can read and write what the others cached, so a platform sets
+    /// it to one trust domain (a user, a project); lowercase path components, e.g. `alice`.
+    #[x_kube(validation = Rule::new(format!("self.matches(r'{SCOPE_RE}')")).message("must be lowercase path components such as alice or team-a/web"))]
+    #[schemars(length(max = 128))]
+    pub scope: Option<String>,
 }
 
 /// Build pod knobs.
@@ -333,6 +363,9 @@ pub struct ImageBuildStatus {
     /// Where each attempt's build log is kept (`bob logs NAME --attempt N` reads it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub log_refs: Vec<LogRef>,
+    /// How the build used the layer cache, and how many steps it took from it.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "known")]
+    pub layer_cache: Option<crate::layer_cache::Report>,
 }
 
 /// Where an attempt's log is: a `BuildLog` of the ImageBuild's namespace.

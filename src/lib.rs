@@ -11,6 +11,7 @@ pub mod copy;
 pub mod crd;
 pub mod duration;
 pub mod key;
+pub mod layer_cache;
 pub mod local;
 pub mod logs;
 pub mod oci;

@@ -5,11 +5,14 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use bob::controller::cluster::count;
 use bob::controller::decide::{
     Count, Created, Effect, Failure, Need, Next, Observed, Settings, Slots, Step, Transition, decide, refusal,
 };
+use bob::controller::metrics::Metrics;
 use bob::controller::{PlanConfig, Policy, Resolved};
 use bob::crd::{ImageBuild, ImageBuildStatus, Phase};
+use bob::layer_cache::Mode;
 use bob::reason::Reason;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -318,6 +321,35 @@ fn a_reported_success_is_verified_before_succeeded() {
     o.verified = Some(Err(Failure::new(Reason::RegistryUnavailable, "down")));
     let t = act(decide(&b, &o, &cfg));
     assert_eq!(phase_reason(&t), (Phase::Verifying, Some(Reason::RegistryUnavailable)));
+}
+
+#[test]
+fn a_verified_build_reports_its_layer_cache_in_status_and_metrics() {
+    let b = ib(60, Some(building("p1")));
+    let cfg = settings(None);
+    let result = format!(
+        r#"{{"version":1,"baseDigest":"{DIGEST}","targetDigest":"{DIGEST}","layerCache":{{"mode":"ReadOnly","hits":3,"note":"the layer cache refused writes"}}}}"#
+    );
+    let mut o = seen();
+    o.pod = Some(Some(pod(
+        json!({"phase": "Succeeded", "containerStatuses": [{"name": "build", "ready": false, "restartCount": 0,
+        "image": "bob", "imageID": "", "state": {"terminated": {"exitCode": 0, "message": result}}}]}),
+    )));
+    o.verified = Some(Ok(Some(DIGEST.into())));
+    let t = act(decide(&b, &o, &cfg));
+    assert_eq!(phase_reason(&t), (Phase::Succeeded, Some(Reason::Built)));
+    let report = status(&t).layer_cache.clone().expect("status.layerCache");
+    assert_eq!((report.mode, report.hits), (Mode::ReadOnly, 3));
+    assert_eq!(report.note.as_deref(), Some("the layer cache refused writes"));
+    let counted = Count::LayerCache { mode: Mode::ReadOnly, hits: 3 };
+    assert!(t.effects.contains(&Effect::Count(counted.clone())), "{:?}", t.effects);
+    let metrics = Metrics::default();
+    count(&metrics, counted);
+    let text = metrics.encode();
+    assert!(text.contains("bob_layer_cache_hits_total 3"), "{text}");
+    assert!(text.contains(r#"bob_layer_cache_builds_total{mode="ReadOnly"} 1"#), "{text}");
+    // The status stays small: the whole status with the report is a few hundred bytes.
+    assert!(serde_json::to_string(status(&t)).unwrap().len() < 2048);
 }
 
 #[test]

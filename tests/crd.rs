@@ -131,11 +131,34 @@ fn each_invalid_spec_is_rejected_by_its_rule() {
             with(&inline, "/spec/source/dockerfile", json!({"git": {"url": "ftp:/x"}})),
             "must be a git URL",
         ),
+        (
+            "layer cache repository with a tag",
+            with(&inline, "/spec/layerCache", json!({"repository": "reg.test/cache:latest"})),
+            "without tag or digest",
+        ),
+        (
+            "layer cache scope with capitals",
+            with(&inline, "/spec/layerCache", json!({"scope": "Alice"})),
+            "lowercase path components",
+        ),
+        (
+            "layer cache scope climbing out",
+            with(&inline, "/spec/layerCache", json!({"scope": "../other-namespace/x"})),
+            "lowercase path components",
+        ),
+        (
+            "layer cache scope with an empty component",
+            with(&inline, "/spec/layerCache", json!({"scope": "team//web"})),
+            "lowercase path components",
+        ),
     ];
     for (what, obj, needle) in cases {
         let errs = errors(&obj);
         assert!(errs.iter().any(|e| e.contains(needle)), "{what}: expected {needle:?} in {errs:?}");
     }
+    // A layer cache with a repository and a scope of path components is fine.
+    let cache = json!({"repository": "localhost:5000/bob-cache", "scope": "team-a/web", "disabled": false});
+    assert_eq!(errors(&with(&inline, "/spec/layerCache", cache)), Vec::<String>::new());
     // Digest references and host:port repositories are fine.
     let ok = with(
         &image,
@@ -203,12 +226,14 @@ fn the_controllers_types_read_objects_written_by_a_newer_crd() {
         "spec": {"source": {"image": {"ref": "reg.test/a:1"}}, "workspaceImageRepository": "reg.test/ws",
                  "cache": {"scope": "team"}},
         "status": {"phase": "Archived", "reason": "SomethingNew", "observedGeneration": 1,
-                   "failure": {"reason": "SomethingNew", "message": "x"}, "layerCache": {"hits": 3},
+                   "failure": {"reason": "SomethingNew", "message": "x"},
+                   "layerCache": {"mode": "SomethingNew", "hits": 2},
                    "logRefs": [{"attempt": 1, "buildLog": "p-1", "bytes": 9}]}});
     let ib: ImageBuild = serde_json::from_value(newer).expect("a newer object reads");
     let s = ib.status.unwrap();
     assert_eq!((s.phase, s.reason), (None, None), "unknown values read as unknown");
     assert_eq!(s.failure.unwrap().reason, bob::reason::Reason::Internal);
+    assert_eq!(s.layer_cache, None, "a layer cache mode of a newer bob reads as unknown");
     let known = json!({"phase": "Failed", "reason": "PodRejected"});
     let s: bob::crd::ImageBuildStatus = serde_json::from_value(known).unwrap();
     assert_eq!((s.phase, s.reason), (Some(bob::crd::Phase::Failed), Some(bob::reason::Reason::PodRejected)));

@@ -1,13 +1,17 @@
-//! Phase 1: the base image. Skipped when the base ref already exists; otherwise the Dockerfile
-//! is read, every `FROM` is pinned to a digest (given in `BOB_FROM_REFS`, or resolved through
-//! the proxy's mirror route and reported), and the engine builds and pushes to the `base` alias.
+//! Phase 1: the base image. Skipped when the base ref already exists (unless `forceRebuild`
+//! forces it); otherwise the Dockerfile is read, every `FROM` is pinned to a digest (given in
+//! `BOB_FROM_REFS`, or resolved through the proxy's mirror route and reported), and the engine
+//! builds with the layer cache the probe allows and pushes to the `base` alias.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
+use super::cache::{self, Decided, Planned};
+use super::dockerfile::Base;
 use super::dockerfile::Dockerfile;
 use super::engine::{Buildah, Engine, EngineBuild, registries_conf, write};
+use super::history;
 use super::output::{self, Finished};
 use super::{BuildArgs, BuildResult, Failure, registry_failure};
 use crate::bounded;
@@ -23,7 +27,8 @@ pub async fn build(
     result: &mut BuildResult,
     resolve: Instant,
 ) -> Result<String, Failure> {
-    match client.manifest_digest(base).await {
+    let exists = if args.force_build { Ok(None) } else { client.manifest_digest(base).await };
+    match exists {
         Ok(Some(digest)) => {
             tracing::info!(%digest, "the base image exists: skipping the Dockerfile build");
             result.timings.resolve_ms = resolve.elapsed().as_millis() as u64;
@@ -57,6 +62,7 @@ pub async fn build(
     })?;
     let pins = parse_pins(&args.from_refs)?;
     let mut pinned: BTreeMap<String, String> = BTreeMap::new();
+    let mut refs: BTreeMap<&str, Reference> = BTreeMap::new();
     let mut hosts: Vec<String> = Vec::new();
     for image in dockerfile.images() {
         let r = reference::parse(image).map_err(|e| {
@@ -68,13 +74,28 @@ pub async fn build(
         if !hosts.iter().any(|h| h == r.registry()) {
             hosts.push(r.registry().to_string());
         }
+        refs.insert(image, r);
     }
     result.timings.resolve_ms = resolve.elapsed().as_millis() as u64;
 
     let work = tempfile::Builder::new().prefix("bob-build-").tempdir().map_err(io_failure)?;
     let dir = work.path();
     let pinned_text = dockerfile.pinned(|i| pinned.get(i).cloned().unwrap_or_else(|| i.to_string()));
-    let spec = EngineBuild {
+    // One layer per step needs FROM images whose history names their layers (`history.rs`).
+    let froms = dockerfile.froms.iter().filter_map(|f| match &f.base {
+        Base::Image(image) => {
+            let (r, digest) = (refs.get(image.as_str())?, result.from_digests.get(image.as_str())?);
+            Some((image.clone(), mirror_ref(&args.proxy_addr, r, digest)))
+        }
+        _ => None,
+    });
+    let no_history = history::first_without(client, froms.collect()).await;
+    let mut decided = match (planned_cache(args)?, &no_history) {
+        (Some(_), Some(image)) => Some(cache::without_history(image)),
+        (Some(planned), None) => Some(planned.decide().await),
+        (None, _) => None,
+    };
+    let mut spec = EngineBuild {
         dockerfile: write(dir, "Dockerfile", &pinned_text).map_err(io_failure)?,
         context,
         build_args,
@@ -86,6 +107,8 @@ pub async fn build(
         image: format!("localhost/bob-base-{}", std::process::id()),
         push_to: args.base(),
         digest_file: dir.join("digest"),
+        cache: decided.as_ref().map(|d| d.flags.clone()).unwrap_or_default(),
+        omit_history: no_history.is_some(),
     };
     let engine = Buildah {
         binary: args.buildah.clone(),
@@ -96,7 +119,8 @@ pub async fn build(
         runtime: args.oci_runtime.clone(),
     };
     let started = Instant::now();
-    let built = run_engine(&engine, engine.build(&spec), args).await?;
+    let built = build_image(&engine, &mut spec, &mut decided, args).await?;
+    result.layer_cache = decided.as_ref().map(|d| cache::report(d, &built));
     if !built.success() {
         return Err(failure(&engine, &built, Reason::EngineFailed, args));
     }
@@ -115,6 +139,63 @@ pub async fn build(
     // Local storage is a cache only; the pushed image is what counts.
     let _ = engine.remove(&spec).output().await;
     Ok(digest)
+}
+
+/// Runs the engine's build; a failure that only the layer cache or `--layers` caused is run once
+/// more without its cause: a cache push that failed (local storage keeps every layer built so
+/// far, so the second run reuses them) or a `FROM` image whose history the check missed.
+async fn build_image(
+    engine: &Buildah,
+    spec: &mut EngineBuild,
+    decided: &mut Option<Decided>,
+    args: &BuildArgs,
+) -> Result<Finished, Failure> {
+    loop {
+        let built = run_engine(engine, engine.build(spec), args).await?;
+        if built.success() {
+            return Ok(built);
+        }
+        let again = if spec.cache.to.is_some()
+            && let Some(why) = cache::failed_on_cache(&built)
+        {
+            cache::without_cache(&why)
+        } else if !spec.omit_history && built.tail.iter().any(|l| history::is_history_error(l)) {
+            spec.omit_history = true;
+            cache::without_history("a FROM image")
+        } else {
+            return Ok(built);
+        };
+        tracing::warn!("{}", again.note.as_deref().unwrap_or_default());
+        spec.cache = again.flags.clone();
+        if decided.is_some() {
+            *decided = Some(again);
+        }
+    }
+}
+
+/// The repository of a `FROM` image on the proxy's mirror route.
+fn mirror_repository(r: &Reference) -> String {
+    format!("mirror/{}/{}", r.registry().replace(':', "__"), r.repository())
+}
+
+/// A `FROM` image as the proxy's mirror route serves it, pinned by digest.
+fn mirror_ref(proxy: &str, r: &Reference, digest: &str) -> Reference {
+    Reference::with_digest(proxy.to_string(), mirror_repository(r), digest.to_string())
+}
+
+/// The layer cache the plan gave the build, checked like every other reference.
+fn planned_cache(args: &BuildArgs) -> Result<Option<Planned>, Failure> {
+    let Some(reference) = args.layer_cache.as_deref().map(str::trim).filter(|r| !r.is_empty()) else {
+        return Ok(None);
+    };
+    reference::parse(reference).map_err(|e| {
+        Failure::new(Reason::InvalidConfig, format!("BOB_LAYER_CACHE_REF: {}", crate::oci::error::chain(&e)))
+    })?;
+    Ok(Some(Planned {
+        reference: reference.to_string(),
+        read: args.layer_cache_read,
+        ttl: format!("{}s", args.layer_cache_ttl.as_secs().max(1)),
+    }))
 }
 
 fn read_dockerfile(args: &BuildArgs) -> Result<(std::path::PathBuf, String), Failure> {
@@ -183,8 +264,7 @@ async fn resolve_from(
     if let Some(d) = pin.and_then(|p| p.digest()) {
         return Ok(d.to_string());
     }
-    let mirror_repo = format!("mirror/{}/{}", r.registry().replace(':', "__"), r.repository());
-    let via_proxy = Reference::with_tag(proxy.to_string(), mirror_repo, tag.to_string());
+    let via_proxy = Reference::with_tag(proxy.to_string(), mirror_repository(r), tag.to_string());
     match client.manifest_digest(&via_proxy).await {
         Ok(Some(d)) => {
             tracing::info!(image, digest = %d, "resolved FROM through the proxy");

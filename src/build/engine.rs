@@ -32,6 +32,25 @@ pub struct EngineBuild {
     pub push_to: String,
     /// File the engine writes the pushed manifest digest to.
     pub digest_file: PathBuf,
+    /// The layer cache: where to read and write cached steps (none: build without it).
+    pub cache: CacheFlags,
+    /// Write no build history (`--omit-history`): a `FROM` image without one makes buildah 1.28
+    /// fail to commit a second layer (`history.rs`).
+    pub omit_history: bool,
+}
+
+/// The layer cache of one engine build. Steps are always committed as layers (`--layers`), so the
+/// image's layers do not depend on whether a cache is used.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CacheFlags {
+    /// Repository to read cached steps from (`--cache-from`).
+    pub from: Option<String>,
+    /// Repository to write new steps to (`--cache-to`).
+    pub to: Option<String>,
+    /// How old a cached step may be (`--cache-ttl`, Go duration syntax).
+    pub ttl: Option<String>,
+    /// Reuse no step at all, not even one in local storage (`--no-cache`: `forceRebuild`).
+    pub no_cache: bool,
 }
 
 /// A failure as the engine explains it.
@@ -101,7 +120,7 @@ impl Buildah {
             .env("XDG_RUNTIME_DIR", &b.work)
             .env("REGISTRY_AUTH_FILE", &b.auth_file)
             .env("CONTAINERS_REGISTRIES_CONF", &b.registries_conf)
-            .env("BUILDAH_LAYERS", "false");
+            .env("BUILDAH_LAYERS", "true");
         c.arg("--root").arg(&self.root).arg("--runroot").arg(&self.runroot);
         c.arg("--storage-driver").arg(&self.storage_driver);
         c.arg("--registries-conf").arg(&b.registries_conf);
@@ -122,8 +141,24 @@ impl Engine for Buildah {
             Isolation::Oci => c.args(["--isolation", "oci", "--runtime", &self.runtime]),
         };
         // Loopback mirror over plain HTTP. FROMs are pinned by digest, so an image already in
-        // local storage is the same image and need not be pulled again.
-        c.args(["--tls-verify=false", "--format", "oci", "--layers=false"]);
+        // local storage is the same image and need not be pulled again. One layer per step with
+        // or without a cache, so the image's layers never depend on the cache's settings.
+        c.args(["--tls-verify=false", "--format", "oci", "--layers"]);
+        if let Some(from) = &b.cache.from {
+            c.arg("--cache-from").arg(from);
+        }
+        if let Some(to) = &b.cache.to {
+            c.arg("--cache-to").arg(to);
+        }
+        if let Some(ttl) = &b.cache.ttl {
+            c.arg("--cache-ttl").arg(ttl);
+        }
+        if b.cache.no_cache {
+            c.arg("--no-cache");
+        }
+        if b.omit_history {
+            c.arg("--omit-history");
+        }
         for (k, v) in &b.build_args {
             c.arg("--build-arg").arg(format!("{k}={v}"));
         }

@@ -4,8 +4,10 @@
 //! through `bob proxy` on loopback. The result is one JSON line (see `result.rs`).
 
 pub mod base;
+pub mod cache;
 pub mod dockerfile;
 pub mod engine;
+pub mod history;
 pub mod output;
 pub mod result;
 
@@ -57,6 +59,10 @@ pub struct BuildArgs {
     /// Run phase 1 (build the base from the Dockerfile): `true` for Dockerfile sources.
     #[arg(long, env = "BOB_BUILD_BASE", default_value_t = false, action = clap::ArgAction::Set)]
     pub build_base: bool,
+    /// Run phase 1 even when the base image exists (`spec.forceRebuild`: refresh what `RUN`
+    /// steps fetch).
+    #[arg(long, env = "BOB_FORCE_BUILD", default_value_t = false, action = clap::ArgAction::Set)]
+    pub force_build: bool,
     /// The Dockerfile.
     #[arg(long, env = "BOB_DOCKERFILE_PATH")]
     pub dockerfile: Option<PathBuf>,
@@ -73,6 +79,15 @@ pub struct BuildArgs {
     /// `FROM` not listed is resolved through the proxy and reported.
     #[arg(long, env = "BOB_FROM_REFS", default_value = "")]
     pub from_refs: String,
+    /// The layer cache as the proxy's `cache` alias (`<proxy>/cache`); unset: no layer cache.
+    #[arg(long, env = "BOB_LAYER_CACHE_REF")]
+    pub layer_cache: Option<String>,
+    /// Read cached steps from the layer cache (`false` under forceRebuild: only write new ones).
+    #[arg(long, env = "BOB_LAYER_CACHE_READ", default_value_t = true, action = clap::ArgAction::Set)]
+    pub layer_cache_read: bool,
+    /// How old a cached step may be and still be reused (buildah's --cache-ttl).
+    #[arg(long, env = "BOB_LAYER_CACHE_TTL", default_value = "168h", value_parser = duration::parse)]
+    pub layer_cache_ttl: Duration,
     /// Where the result JSON goes (kubelet reads it as the termination message).
     #[arg(long, env = "BOB_TERMINATION_MESSAGE_PATH", default_value = "/dev/termination-log")]
     pub termination_message_path: PathBuf,

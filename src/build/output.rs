@@ -17,6 +17,10 @@ use tokio::time::Instant;
 pub const TAIL_LINES: usize = 40;
 /// Longest line kept in the tail (the log itself gets the whole line).
 const TAIL_LINE_BYTES: usize = 1000;
+/// How buildah 1.28 says a step was not run: its layer came from local storage or from a
+/// `--cache-from` repository (then after `--> Cache pulled from remote ...`; a pulled step older
+/// than `--cache-ttl` is pulled but not used, and says nothing more).
+pub const CACHE_HIT: &str = "--> Using cache ";
 
 /// How a command ended.
 #[derive(Debug)]
@@ -29,6 +33,8 @@ pub struct Finished {
     pub tail: Vec<String>,
     /// The last `STEP n/m: ...` line, if the engine prints them.
     pub last_step: Option<String>,
+    /// Steps the engine took from a cache instead of running them (buildah's `--> Using cache`).
+    pub cache_hits: u32,
 }
 
 impl Finished {
@@ -65,6 +71,7 @@ pub async fn run(mut cmd: Command, watchdog: Duration) -> std::io::Result<Finish
     drop(tx);
     let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES);
     let mut last_step = None;
+    let mut cache_hits = 0;
     let mut last_output = Instant::now();
     let mut silent_for = None;
     loop {
@@ -77,6 +84,9 @@ pub async fn run(mut cmd: Command, watchdog: Duration) -> std::io::Result<Finish
                     let _ = out.flush();
                     if line.starts_with("STEP ") {
                         last_step = Some(line.clone());
+                    }
+                    if line.starts_with(CACHE_HIT) {
+                        cache_hits += 1;
                     }
                     if tail.len() == TAIL_LINES {
                         tail.pop_front();
@@ -96,7 +106,7 @@ pub async fn run(mut cmd: Command, watchdog: Duration) -> std::io::Result<Finish
     for r in readers.into_iter().flatten() {
         r.abort();
     }
-    Ok(Finished { status, silent_for, tail: tail.into(), last_step })
+    Ok(Finished { status, silent_for, tail: tail.into(), last_step, cache_hits })
 }
 
 fn kill_group(child: &tokio::process::Child) {
@@ -139,6 +149,19 @@ mod tests {
         assert!(!f.success() && f.silent_for.is_none());
         assert_eq!(f.last_step.as_deref(), Some("STEP 2/2: RUN y"));
         assert!(f.tail.contains(&"oops".to_string()) && f.tail.len() == 3);
+    }
+
+    #[tokio::test]
+    async fn cache_hits_are_counted() {
+        let mut c = Command::new("sh");
+        // buildah 1.28's lines: a step from the remote cache, one from local storage, one run.
+        c.arg("-c").arg(
+            "echo 'STEP 2/4: RUN a'; echo '--> Cache pulled from remote r/cache:0a'; \
+             echo '--> Using cache 0dbf20f03e8006e9'; echo 'STEP 3/4: COPY b /b'; \
+             echo '--> Using cache 95064123f0064baf'; echo 'STEP 4/4: RUN c'; echo '--> 6d6387ba6f5'",
+        );
+        let f = run(c, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(f.cache_hits, 2);
     }
 
     #[tokio::test]

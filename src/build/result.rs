@@ -52,6 +52,9 @@ pub struct BuildResult {
     /// Phase timings.
     #[serde(default)]
     pub timings: Timings,
+    /// How the build used its layer cache (absent when it had none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_cache: Option<crate::layer_cache::Report>,
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<Reason>,
@@ -82,6 +85,9 @@ impl BuildResult {
         r.version = 1;
         r.message = r.message.map(|m| shorten(&m, 1024));
         r.step = r.step.map(|s| shorten(&s, 256));
+        if let Some(c) = r.layer_cache.as_mut() {
+            c.note = c.note.take().map(|n| shorten(&n, crate::layer_cache::NOTE_BYTES));
+        }
         let tail = r.log_tail.take();
         if json(&r).len() > MAX_BYTES {
             r.from_digests.clear();

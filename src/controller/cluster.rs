@@ -17,7 +17,7 @@ use std::time::Duration;
 use super::decide::{Count, Created, Effect, Failure, Need, Next, Observed, Slots, Transition};
 use super::engine::World;
 use super::logship::{self, Shipment};
-use super::metrics::{OutcomeLabels, ReasonLabel};
+use super::metrics::{Metrics, ModeLabel, OutcomeLabels, ReasonLabel};
 use super::pod::{BUILD_POD_SELECTOR, CONTAINER_BUILD};
 use super::policy::owner_done;
 use super::resolve::{self, GitAuth};
@@ -270,7 +270,7 @@ pub async fn act(ib: &ImageBuild, ctx: &Context, t: Transition) -> Result<Action
         match effect {
             Effect::Event { warning, reason, note } => event(ctx, ib, warning, &reason, &note).await,
             Effect::Cleanup(pod) => cleanup(ib, ctx, &pod).await,
-            Effect::Count(c) => count(ctx, c),
+            Effect::Count(c) => count(&ctx.metrics, c),
             Effect::ShipLog { pod, attempt } => ship_log(ib, ctx, pod, attempt).await,
         }
     }
@@ -280,8 +280,8 @@ pub async fn act(ib: &ImageBuild, ctx: &Context, t: Transition) -> Result<Action
     })
 }
 
-fn count(ctx: &Context, c: Count) {
-    let m = &ctx.metrics;
+/// Counts `c` in the metrics.
+pub fn count(m: &Metrics, c: Count) {
     match c {
         Count::Finished { phase, reason, seconds } => {
             let labels = OutcomeLabels { outcome: format!("{phase:?}"), reason: reason.to_string() };
@@ -300,6 +300,10 @@ fn count(ctx: &Context, c: Count) {
         }
         Count::Retry(reason) => {
             m.retries.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
+        }
+        Count::LayerCache { mode, hits } => {
+            m.layer_cache_builds.get_or_create(&ModeLabel { mode: mode.as_str().into() }).inc();
+            m.layer_cache_hits.inc_by(hits.into());
         }
     }
 }

@@ -210,10 +210,16 @@ fn verify(mut s: ImageBuildStatus, result: &BuildResult, seen: &Observed) -> Ste
     if let Some(base) = s.base_image.as_mut() {
         *base = ImageRef::new(base.reference.clone(), result.base_digest.clone());
     }
+    s.layer_cache = result.layer_cache.clone();
     match found {
         Ok(Some(d)) if Some(d) == result.target_digest.as_ref() => {
             s.output = Some(ImageRef::new(output.reference, Some(d.clone())));
-            Step::Act(finish(status::succeeded(s, Reason::Built, "built and verified in the registry", now)))
+            let message = "built and verified in the registry";
+            let mut t = finish(status::succeeded(s, Reason::Built, message, now));
+            if let Some(c) = &result.layer_cache {
+                t.effects.push(Effect::Count(Count::LayerCache { mode: c.mode, hits: c.hits }));
+            }
+            Step::Act(t)
         }
         Ok(other) => {
             let found = other.as_ref().map_or("nothing".to_string(), |d| format!("digest {d}"));

@@ -44,6 +44,13 @@ impl StatusLabel {
     }
 }
 
+/// How a build used the layer cache (`crate::layer_cache::Mode`, four values).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabel {
+    /// `ReadWrite`, `ReadOnly`, `WriteOnly` or `Off`.
+    pub mode: String,
+}
+
 /// A single bounded label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -74,6 +81,10 @@ pub struct Metrics {
     pub queue_wait: Histogram,
     /// 1 while this replica leads (reconciles), 0 while it stands by.
     pub leader: Gauge,
+    /// Verified builds with a layer cache, by how they used it.
+    pub layer_cache_builds: Family<ModeLabel, Counter>,
+    /// Build steps taken from a layer cache instead of run, in verified builds.
+    pub layer_cache_hits: Counter,
     /// Whether the controller is watching (for /readyz).
     pub ready: AtomicBool,
 }
@@ -121,8 +132,22 @@ impl Default for Metrics {
             "Start of an ImageBuild to its build pod",
             queue_wait.clone(),
         );
+        let layer_cache_builds = Family::<ModeLabel, Counter>::default();
+        registry.register(
+            "layer_cache_builds",
+            "Verified builds with a layer cache, by how they used it",
+            layer_cache_builds.clone(),
+        );
+        let layer_cache_hits = Counter::default();
+        registry.register(
+            "layer_cache_hits",
+            "Build steps taken from a layer cache instead of run",
+            layer_cache_hits.clone(),
+        );
         Self {
             registry,
+            layer_cache_builds,
+            layer_cache_hits,
             builds,
             build_duration,
             pods_created,

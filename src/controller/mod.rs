@@ -2,6 +2,7 @@
 //! named steps (`reconcile.rs`) around a pure middle (`plan.rs`, `pod.rs`, `status.rs`).
 //! `bob run` uses the same planning code without a cluster.
 
+pub mod cache_scope;
 pub mod cluster;
 pub mod decide;
 pub mod engine;
@@ -31,7 +32,9 @@ use kube::runtime::watcher;
 
 pub use decide::Settings;
 use metrics::{Metrics, ReasonLabel, StatusLabel};
-pub use plan::{BuildSecurity, Invalid, Plan, PlanConfig, Resolved, from_images, plan};
+pub use plan::{
+    BuildSecurity, CachePlan, Invalid, LayerCacheConfig, Plan, PlanConfig, Resolved, from_images, plan,
+};
 pub use policy::Policy;
 
 use crate::build::Isolation;
@@ -116,6 +119,16 @@ pub struct ControllerArgs {
     /// Registries (host or host:port) spoken to over plain HTTP besides loopback ones.
     #[arg(long = "insecure-registry", env = "BOB_INSECURE_REGISTRIES", value_delimiter = ',')]
     pub insecure_registries: Vec<String>,
+    /// Repository below which layer caches live, `<repository>/<namespace>/<scope>`, for
+    /// ImageBuilds that name none (unset: only ImageBuilds that name one have a layer cache).
+    #[arg(long, env = "BOB_LAYER_CACHE_REPOSITORY")]
+    pub layer_cache_repository: Option<String>,
+    /// The layer cache's global switch: `false` builds every ImageBuild without it.
+    #[arg(long, env = "BOB_LAYER_CACHE_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub layer_cache_enabled: bool,
+    /// How old a cached build step may be and still be reused (buildah's --cache-ttl).
+    #[arg(long, env = "BOB_LAYER_CACHE_TTL", default_value = "168h", value_parser = duration::parse)]
+    pub layer_cache_ttl: Duration,
     /// Watch only this namespace [default: all].
     #[arg(long, env = "BOB_WATCH_NAMESPACE")]
     pub namespace: Option<String>,
@@ -243,6 +256,11 @@ pub async fn run(args: ControllerArgs) -> Result<(), StartError> {
         security: args.security,
         isolation: args.isolation,
         insecure_registries: args.insecure_registries.clone(),
+        layer_cache: plan::LayerCacheConfig {
+            enabled: args.layer_cache_enabled,
+            repository: args.layer_cache_repository.clone().filter(|r| !r.trim().is_empty()),
+            ttl: args.layer_cache_ttl,
+        },
         ..Default::default()
     };
     let policy = Policy {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 
+pub use super::cache_scope::{CachePlan, LayerCacheConfig};
 use crate::build::Isolation;
 use crate::build::dockerfile::Dockerfile;
 use crate::crd::ImageBuild;
@@ -26,7 +27,7 @@ pub struct Invalid {
 }
 
 impl Invalid {
-    fn new(field: &str, message: impl Into<String>) -> Self {
+    pub(super) fn new(field: &str, message: impl Into<String>) -> Self {
         Self { field: field.to_string(), message: message.into() }
     }
 
@@ -77,6 +78,8 @@ pub struct PlanConfig {
     pub isolation: Isolation,
     /// Registries the proxy speaks plain HTTP to besides loopback ones (in-cluster registries).
     pub insecure_registries: Vec<String>,
+    /// The layer cache: the global switch, the default repository and the step TTL.
+    pub layer_cache: LayerCacheConfig,
 }
 
 impl Default for PlanConfig {
@@ -88,6 +91,7 @@ impl Default for PlanConfig {
             security: BuildSecurity::UserNamespace,
             isolation: Isolation::Chroot,
             insecure_registries: Vec::new(),
+            layer_cache: LayerCacheConfig::default(),
         }
     }
 }
@@ -107,6 +111,8 @@ pub struct Plan {
     pub workspace: Reference,
     /// `FROM` images pinned by digest (`name[:tag]@sha256:…`), for the proxy's mirror and the build.
     pub from_refs: Vec<String>,
+    /// The layer cache of the build (Dockerfile sources with a cache).
+    pub layer_cache: Option<CachePlan>,
     /// The desired build pod.
     pub pod: Pod,
 }
@@ -250,6 +256,7 @@ pub fn plan(ib: &ImageBuild, resolved: &Resolved, cfg: &PlanConfig) -> Result<Pl
     let workspace_ref = key::workspace_ref(&workspace_repo, &base_ref);
     let workspace = parse_ref("spec.workspaceImageRepository", &workspace_ref)?;
     let from_refs = pinned_from_refs(inputs.as_ref());
+    let layer_cache = super::cache_scope::plan(ib, &cfg.layer_cache)?;
     let pod = super::pod::build_pod(
         ib,
         &super::pod::PodInputs {
@@ -258,11 +265,12 @@ pub fn plan(ib: &ImageBuild, resolved: &Resolved, cfg: &PlanConfig) -> Result<Pl
             base_ref: &base_ref,
             workspace_ref: &workspace_ref,
             from_refs: &from_refs,
+            layer_cache: layer_cache.as_ref(),
             build_timeout: limits.build.unwrap_or(cfg.build_timeout),
             cfg,
         },
     )?;
-    Ok(Plan { inputs, key, base_ref, workspace_ref, workspace, from_refs, pod })
+    Ok(Plan { inputs, key, base_ref, workspace_ref, workspace, from_refs, layer_cache, pod })
 }
 
 /// Checks the references the spec names (the source image, both repositories) before anything
@@ -281,7 +289,7 @@ pub fn check_references(ib: &ImageBuild) -> Result<(), Invalid> {
 }
 
 /// A repository as written, checked and without tag or digest.
-fn repository(field: &str, value: &str) -> Result<String, Invalid> {
+pub(super) fn repository(field: &str, value: &str) -> Result<String, Invalid> {
     let last = value.rsplit('/').next().unwrap_or(value);
     let tagged = if value.contains('/') { last.contains(':') } else { value.contains(':') };
     if tagged || value.contains('@') {

@@ -15,6 +15,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 
+use super::cache_scope::{CachePlan, ttl_arg};
 use super::plan::{BuildSecurity, Invalid, PlanConfig};
 use crate::build::Isolation;
 use crate::crd::ImageBuild;
@@ -61,6 +62,8 @@ pub struct PodInputs<'a> {
     pub workspace_ref: &'a str,
     /// Pinned `FROM` refs.
     pub from_refs: &'a [String],
+    /// The layer cache, when the build has one.
+    pub layer_cache: Option<&'a CachePlan>,
     /// The build's time limit (the spec's, else the installation's).
     pub build_timeout: Duration,
     /// Installation settings.
@@ -177,7 +180,9 @@ echo "checked out $BOB_GIT_COMMIT"
 
 /// The build pod's name: the same for every ImageBuild of the namespace that builds the same
 /// workspace image with the same registry Secret, so they share one pod (and a restarted
-/// controller finds it again); a new attempt gets a new name.
+/// controller finds it again); a new attempt gets a new name. The layer cache is not part of it:
+/// ImageBuilds of one key share the one build (its image is theirs anyway, as a cache hit would
+/// give it), which uses the cache scope of the ImageBuild that started it.
 pub fn pod_name(registry_secret: Option<&str>, workspace_ref: &str, attempt: u32) -> String {
     use sha2::{Digest, Sha256};
     let sum = Sha256::digest(format!("{}\n{workspace_ref}", registry_secret.unwrap_or("")).as_bytes());
@@ -210,6 +215,9 @@ pub fn build_pod(ib: &ImageBuild, p: &PodInputs<'_>) -> Result<Pod, Invalid> {
     ];
     if !p.cfg.insecure_registries.is_empty() {
         proxy_env.push(env("BOB_INSECURE_REGISTRIES", p.cfg.insecure_registries.join(",")));
+    }
+    if let Some(c) = p.layer_cache {
+        proxy_env.push(env("BOB_PROXY_CACHE_REPOSITORY", &c.repository));
     }
     let mut proxy_mounts = Vec::new();
     if let Some(auth) = &spec.registry_auth {
@@ -275,6 +283,16 @@ pub fn build_pod(ib: &ImageBuild, p: &PodInputs<'_>) -> Result<Pod, Invalid> {
     let mut init = Vec::new();
     if let Some(d) = &spec.source.dockerfile {
         build_env.push(env("BOB_FROM_REFS", p.from_refs.join(",")));
+        if spec.force_rebuild {
+            // Rebuild the base too, so what RUN steps fetch is fetched again.
+            build_env.push(env("BOB_FORCE_BUILD", "true"));
+        }
+        if let Some(c) = p.layer_cache {
+            // The build reaches its cache only as the proxy's `cache` alias.
+            build_env.push(env("BOB_LAYER_CACHE_REF", format!("{addr}/cache")));
+            build_env.push(env("BOB_LAYER_CACHE_READ", c.read.to_string()));
+            build_env.push(env("BOB_LAYER_CACHE_TTL", ttl_arg(c.ttl)));
+        }
         if !d.build_args.is_empty() {
             build_env.push(env("BOB_BUILD_ARGS", serde_json::to_string(&d.build_args).unwrap_or_default()));
         }

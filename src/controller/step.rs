@@ -150,6 +150,13 @@ pub enum Count {
     },
     /// A failed attempt is retried.
     Retry(Reason),
+    /// A verified build with a layer cache: how it used it and the steps it took from it.
+    LayerCache {
+        /// How the build used the cache.
+        mode: crate::layer_cache::Mode,
+        /// Steps taken from a cache instead of run.
+        hits: u32,
+    },
 }
 
 /// What the transition does besides writing the status.

@@ -41,6 +41,13 @@ pub struct RunArgs {
     /// Isolation of RUN steps: `chroot`, or `oci` (runc).
     #[arg(long, env = "BOB_ISOLATION", value_enum, default_value = "chroot")]
     pub isolation: Isolation,
+    /// Repository below which layer caches live, `<repository>/<namespace>/<scope>`, when the
+    /// ImageBuild names none (unset: a cache only if the ImageBuild names a repository).
+    #[arg(long, env = "BOB_LAYER_CACHE_REPOSITORY")]
+    pub layer_cache_repository: Option<String>,
+    /// How old a cached build step may be and still be reused (buildah's --cache-ttl).
+    #[arg(long, env = "BOB_LAYER_CACHE_TTL", default_value = "168h", value_parser = crate::duration::parse)]
+    pub layer_cache_ttl: Duration,
     /// Keep the pod's volumes and logs in this directory instead of a temporary one.
     #[arg(long, env = "BOB_RUN_WORK_DIR")]
     pub work_dir: Option<PathBuf>,
@@ -149,6 +156,11 @@ async fn execute(
         proxy_port: port.map_err(Error::Work)?,
         isolation: args.isolation,
         insecure_registries: args.insecure_registries.clone(),
+        layer_cache: crate::controller::cache_scope::LayerCacheConfig {
+            enabled: true,
+            repository: args.layer_cache_repository.clone().filter(|r| !r.trim().is_empty()),
+            ttl: args.layer_cache_ttl,
+        },
         ..Default::default()
     };
     let settings = Settings {

@@ -22,8 +22,19 @@ pub struct Fixture {
     pub dir: tempfile::TempDir,
 }
 
-/// A one-layer image whose rootfs is busybox-static (uncompressed layer, so diff id = digest).
+/// A one-layer image whose rootfs is busybox-static (uncompressed layer, so diff id = digest),
+/// with a build history as Dockerfile-built images have.
 pub fn busybox_image() -> Image {
+    image_with_history(vec![busybox_layer()], "amd64")
+}
+
+/// The same image without a build history (as tools other than Dockerfile builders make them).
+pub fn busybox_image_without_history() -> Image {
+    image(vec![busybox_layer()], "amd64")
+}
+
+/// A layer holding busybox-static as `/bin` with its applets, `/etc/passwd` and `/tmp`.
+pub fn busybox_layer() -> Vec<u8> {
     require("busybox", "busybox-static");
     let root = tempfile::tempdir().unwrap();
     for d in ["bin", "etc", "tmp", "root"] {
@@ -42,15 +53,20 @@ pub fn busybox_image() -> Image {
         .output()
         .unwrap();
     assert!(out.status.success());
-    image(vec![out.stdout], "amd64")
+    out.stdout
 }
 
 impl Fixture {
+    /// A registry holding the busybox base with a build history.
     pub async fn new() -> Self {
+        Self::with_base(busybox_image()).await
+    }
+
+    /// A registry holding `img` as the base every Dockerfile starts from.
+    pub async fn with_base(img: Image) -> Self {
         require("buildah", "buildah");
         let reg = Registry::start(RegistryAuth::Basic { user: "builder", password: PASSWORD });
         let creds = docker_config(&reg.host, "builder", PASSWORD);
-        let img = busybox_image();
         Direct::new(&reg.host, Some(&creds)).push_image("lib/busybox", "1", &img).await;
         let from = reg.repo("lib/busybox:1");
         Fixture { reg, creds, from, from_digest: img.digest, dir: tempfile::tempdir().unwrap() }

@@ -57,14 +57,31 @@ pub struct Image {
     pub digest: String,
 }
 
-/// An OCI image for `arch` with the given layers.
+/// An OCI image for `arch` with the given layers and no build history (as tools other than
+/// Dockerfile builders make them).
 pub fn image(layers: Vec<Vec<u8>>, arch: &str) -> Image {
+    image_of(layers, arch, false)
+}
+
+/// An OCI image for `arch` with the given layers and a history entry per layer (as Dockerfile
+/// builders make them).
+pub fn image_with_history(layers: Vec<Vec<u8>>, arch: &str) -> Image {
+    image_of(layers, arch, true)
+}
+
+fn image_of(layers: Vec<Vec<u8>>, arch: &str, history: bool) -> Image {
     let layers: Vec<Blob> = layers.into_iter().map(Blob::new).collect();
-    let config = json!({
+    let mut config = json!({
         "architecture": arch, "os": "linux",
         "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
         "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| l.digest.clone()).collect::<Vec<_>>()},
     });
+    if history {
+        let entries: Vec<_> = (0..layers.len())
+            .map(|i| json!({"created": "1970-01-01T00:00:00Z", "created_by": format!("layer {i}")}))
+            .collect();
+        config["history"] = json!(entries);
+    }
     let config = Blob::new(serde_json::to_vec(&config).unwrap());
     let manifest = json!({
         "schemaVersion": 2, "mediaType": OCI_MANIFEST,

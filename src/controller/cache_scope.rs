@@ -1,0 +1,159 @@
+//! The layer cache's part of the plan (pure): whether an ImageBuild builds with a cache, and the
+//! one repository its build may read and write through the proxy's `cache` alias —
+//! `<repository>/<namespace>/<scope>`. The namespace is always part of it, so no spec can name
+//! another namespace's cache; the scope defaults to the ImageBuild's name, narrower than the
+//! namespace where a platform runs all its users' builds (docs/security.md, "Layer cache").
+
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use super::plan::{Invalid, repository};
+use crate::crd::ImageBuild;
+
+/// The layer cache's installation settings (controller flags, `bob run` flags).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerCacheConfig {
+    /// The global switch: `false` turns the cache off for every ImageBuild, whatever its spec.
+    pub enabled: bool,
+    /// The repository below which scopes live when an ImageBuild names none (none: no cache).
+    pub repository: Option<String>,
+    /// How old a cached step may be and still be used (buildah's `--cache-ttl`).
+    pub ttl: Duration,
+}
+
+/// The default `--cache-ttl`: a week. A cached `RUN apt-get install` is reused until then, so
+/// remote content a step fetched is at most a week old after a rebuild (docs/build.md).
+pub const DEFAULT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+impl Default for LayerCacheConfig {
+    fn default() -> Self {
+        Self { enabled: true, repository: None, ttl: DEFAULT_TTL }
+    }
+}
+
+/// The layer cache of one build.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CachePlan {
+    /// The scope's repository, `<repository>/<namespace>/<scope>`: the `cache` alias's upstream.
+    pub repository: String,
+    /// Whether the build reads cached steps: not under `spec.forceRebuild` (it only writes).
+    pub read: bool,
+    /// How old a cached step may be.
+    pub ttl: Duration,
+}
+
+/// Registries refuse repository names (host included) longer than this (distribution's limit).
+const NAME_MAX: usize = 255;
+
+/// The layer cache of `ib`: `None` for image sources, when turned off (globally or by the spec)
+/// or when no repository is configured.
+pub fn plan(ib: &ImageBuild, cfg: &LayerCacheConfig) -> Result<Option<CachePlan>, Invalid> {
+    let spec = ib.spec.layer_cache.clone().unwrap_or_default();
+    if ib.spec.source.dockerfile.is_none() || !cfg.enabled || spec.disabled {
+        return Ok(None);
+    }
+    let (field, repo) = match (&spec.repository, &cfg.repository) {
+        (Some(r), _) => ("spec.layerCache.repository", r),
+        (None, Some(r)) => ("--layer-cache-repository", r),
+        (None, None) => return Ok(None),
+    };
+    let repo = repository(field, repo.trim_end_matches('/'))?;
+    let namespace = ib.metadata.namespace.as_deref().unwrap_or("default");
+    let scope = match &spec.scope {
+        Some(scope) => {
+            if !is_scope(scope) {
+                return Err(Invalid::new(
+                    "spec.layerCache.scope",
+                    format!("{scope:?} must be lowercase path components such as alice or team-a/web"),
+                ));
+            }
+            scope.clone()
+        }
+        None => default_scope(ib.metadata.name.as_deref().unwrap_or_default()),
+    };
+    let full = format!("{repo}/{namespace}/{scope}");
+    if full.len() > NAME_MAX {
+        return Err(Invalid::new(
+            if spec.scope.is_some() { "spec.layerCache.scope" } else { field },
+            format!("the cache repository {full:?} is longer than {NAME_MAX} characters"),
+        ));
+    }
+    repository(field, &full)?;
+    Ok(Some(CachePlan { repository: full, read: !ib.spec.force_rebuild, ttl: cfg.ttl }))
+}
+
+/// The scope of an ImageBuild that names none: its name, which is a valid path component
+/// (Kubernetes names are lowercase DNS subdomains); a long one is cut and made unique with a hash.
+fn default_scope(name: &str) -> String {
+    if is_scope(name) && name.len() <= 100 {
+        return name.to_string();
+    }
+    let hex: String = Sha256::digest(name.as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let head: String = name
+        .chars()
+        .take(60)
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .collect::<String>()
+        .trim_matches('-')
+        .to_string();
+    let head: String = head.split('-').filter(|p| !p.is_empty()).collect::<Vec<_>>().join("-");
+    if head.is_empty() { format!("ib-{hex}") } else { format!("{head}-{hex}") }
+}
+
+/// Whether `s` is a scope: lowercase path components, the grammar of `crd::SCOPE_RE` (which the
+/// CRD's CEL rule checks on the API server), at most 128 characters.
+fn is_scope(s: &str) -> bool {
+    s.len() <= 128 && s.split('/').all(is_component)
+}
+
+/// distribution's path component: `[a-z0-9]+` runs joined by `.`, `_`, `__` or dashes.
+fn is_component(c: &str) -> bool {
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let b = c.as_bytes();
+    if b.first().is_none_or(|&x| !alnum(x)) || b.last().is_none_or(|&x| !alnum(x)) {
+        return false;
+    }
+    let mut i = 0;
+    while i < b.len() {
+        if alnum(b[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < b.len() && !alnum(b[i]) {
+            i += 1;
+        }
+        let sep = &c[start..i];
+        if !matches!(sep, "." | "_" | "__") && !sep.bytes().all(|x| x == b'-') {
+            return false;
+        }
+    }
+    true
+}
+
+/// Whole seconds in the duration grammar, for buildah's `--cache-ttl`.
+pub fn ttl_arg(ttl: Duration) -> String {
+    format!("{}s", ttl.as_secs().max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_or_odd_names_become_valid_unique_scopes() {
+        assert_eq!(default_scope("alice-ws"), "alice-ws");
+        let long = "a".repeat(200);
+        let s = default_scope(&long);
+        assert!(is_scope(&s) && s.len() < 100 && s != default_scope(&"a".repeat(201)), "{s}");
+        assert!(is_scope(&default_scope("--")), "{}", default_scope("--"));
+        assert_eq!(ttl_arg(DEFAULT_TTL), "604800s");
+        for good in ["alice", "team-a/web", "a.b", "a__b", "a--b", "0"] {
+            assert!(is_scope(good), "{good}");
+        }
+        for bad in ["", "Alice", "a/", "/a", "a//b", "a..b", "a._b", "-a", "a-", "a___b", "../x", "a b"] {
+            assert!(!is_scope(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! The layer cache in the plan (pure, no cluster): when an ImageBuild builds with a cache (the
+//! controller's default repository, the spec's own, its off switch and the global one), the one
+//! repository its scope maps to (never outside its namespace, per ImageBuild by default), how the
+//! build reaches it (only as the proxy's `cache` alias) and what `forceRebuild` does with it.
+
+use std::collections::BTreeMap;
+
+use bob::controller::pod::pod_name;
+use bob::controller::{LayerCacheConfig, Plan, PlanConfig, Resolved, from_images, plan};
+use bob::crd::{ImageBuild, LayerCacheSpec};
+use k8s_openapi::api::core::v1::{Container, Pod};
+
+const DIGEST: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+const CACHE: &str = "registry.example.com/bob-cache";
+
+fn sample(file: &str) -> ImageBuild {
+    let text =
+        std::fs::read_to_string(format!("{}/config/samples/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).unwrap();
+    serde_json::from_value(docs.into_iter().find(|d| d["kind"] == "ImageBuild").unwrap()).unwrap()
+}
+
+fn resolved(ib: &ImageBuild) -> Resolved {
+    let mut r = Resolved { image_digest: Some(DIGEST.into()), ..Default::default() };
+    r.from_digests = from_images(ib, &r).unwrap().unwrap().into_iter().map(|i| (i, DIGEST.into())).collect();
+    r
+}
+
+fn config(enabled: bool, repository: Option<&str>) -> PlanConfig {
+    PlanConfig {
+        layer_cache: LayerCacheConfig {
+            enabled,
+            repository: repository.map(String::from),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+fn planned(ib: &ImageBuild, cfg: &PlanConfig) -> Plan {
+    plan(ib, &resolved(ib), cfg).unwrap()
+}
+
+fn env(pod: &Pod, name: &str) -> BTreeMap<String, String> {
+    let spec = pod.spec.as_ref().unwrap();
+    let c: &Container =
+        spec.init_containers.iter().flatten().chain(&spec.containers).find(|c| c.name == name).unwrap();
+    c.env.iter().flatten().filter_map(|e| Some((e.name.clone(), e.value.clone()?))).collect()
+}
+
+/// The cache repository the proxy maps `cache` to, if any.
+fn cache_of(p: &Plan) -> Option<String> {
+    env(&p.pod, "proxy").get("BOB_PROXY_CACHE_REPOSITORY").cloned()
+}
+
+fn named(ns: &str, name: &str, cache: Option<LayerCacheSpec>) -> ImageBuild {
+    let mut ib = sample("inline-dockerfile.yaml");
+    ib.metadata.namespace = Some(ns.into());
+    ib.metadata.name = Some(name.into());
+    ib.spec.layer_cache = cache;
+    ib
+}
+
+#[test]
+fn the_cache_comes_from_the_controller_default_or_the_spec_and_can_be_turned_off() {
+    let ib = sample("inline-dockerfile.yaml");
+    // No repository anywhere: no cache, and nothing about one in the pod.
+    let p = planned(&ib, &PlanConfig::default());
+    assert!(p.layer_cache.is_none() && cache_of(&p).is_none());
+    assert!(!env(&p.pod, "build").keys().any(|k| k.starts_with("BOB_LAYER_CACHE")));
+
+    // The controller's default: the scope is the ImageBuild's own, below its namespace.
+    let p = planned(&ib, &config(true, Some(CACHE)));
+    let scope = format!("{CACHE}/default/inline-dockerfile");
+    assert_eq!(cache_of(&p).as_deref(), Some(scope.as_str()));
+    let build = env(&p.pod, "build");
+    assert_eq!(
+        build["BOB_LAYER_CACHE_REF"], "127.0.0.1:8080/cache",
+        "the build reaches it only via the proxy"
+    );
+    assert_eq!(
+        (build["BOB_LAYER_CACHE_READ"].as_str(), build["BOB_LAYER_CACHE_TTL"].as_str()),
+        ("true", "604800s")
+    );
+    assert!(
+        !build.values().any(|v| v.contains(CACHE)),
+        "the build never sees the real repository: {build:?}"
+    );
+
+    // The spec's repository wins over the default.
+    let own = LayerCacheSpec { repository: Some("reg.test/own-cache".into()), ..Default::default() };
+    let p = planned(&named("default", "inline-dockerfile", Some(own.clone())), &config(true, Some(CACHE)));
+    assert_eq!(cache_of(&p).as_deref(), Some("reg.test/own-cache/default/inline-dockerfile"));
+
+    // Off in the spec, or off globally even where the spec names a repository.
+    let off = LayerCacheSpec { disabled: true, ..Default::default() };
+    assert!(planned(&named("default", "x", Some(off)), &config(true, Some(CACHE))).layer_cache.is_none());
+    assert!(planned(&named("default", "x", Some(own)), &config(false, Some(CACHE))).layer_cache.is_none());
+
+    // An image source builds nothing, so it has no cache.
+    let image = sample("image-source.yaml");
+    assert!(planned(&image, &config(true, Some(CACHE))).layer_cache.is_none());
+}
+
+#[test]
+fn force_rebuild_writes_the_cache_but_reads_nothing() {
+    let mut ib = sample("inline-dockerfile.yaml");
+    ib.spec.force_rebuild = true;
+    let p = planned(&ib, &config(true, Some(CACHE)));
+    assert_eq!(p.layer_cache.as_ref().map(|c| c.read), Some(false));
+    assert_eq!(env(&p.pod, "build")["BOB_LAYER_CACHE_READ"], "false");
+    assert!(cache_of(&p).is_some(), "it still writes");
+    // And it builds the base again even where it exists, cache or not.
+    assert_eq!(env(&p.pod, "build")["BOB_FORCE_BUILD"], "true");
+    assert_eq!(env(&planned(&ib, &PlanConfig::default()).pod, "build")["BOB_FORCE_BUILD"], "true");
+    let unforced = sample("inline-dockerfile.yaml");
+    assert!(!env(&planned(&unforced, &PlanConfig::default()).pod, "build").contains_key("BOB_FORCE_BUILD"));
+}
+
+#[test]
+fn scopes_are_per_imagebuild_by_default_and_never_leave_the_namespace() {
+    let cfg = config(true, Some(CACHE));
+    let of = |ns: &str, name: &str, scope: Option<&str>| {
+        let spec = scope.map(|s| LayerCacheSpec { scope: Some(s.into()), ..Default::default() });
+        cache_of(&planned(&named(ns, name, spec), &cfg)).unwrap()
+    };
+    // Narrower than a namespace: two ImageBuilds of one namespace have two caches.
+    assert_eq!(of("users", "alice-ws", None), format!("{CACHE}/users/alice-ws"));
+    assert_ne!(of("users", "alice-ws", None), of("users", "bob-ws", None));
+    assert_ne!(of("team-a", "ws", None), of("team-b", "ws", None));
+    // A platform's scope shares one cache between ImageBuilds, within the namespace only.
+    assert_eq!(of("users", "alice-ws", Some("alice")), of("users", "alice-tools", Some("alice")));
+    assert_eq!(of("users", "x", Some("alice")), format!("{CACHE}/users/alice"));
+    assert_eq!(of("team-a", "x", Some("team-b/ws")), format!("{CACHE}/team-a/team-b/ws"));
+    // A scope cannot climb out of its namespace or be anything but path components.
+    for bad in ["../other/ws", "Alice", "a//b", "/abs"] {
+        let spec = LayerCacheSpec { scope: Some(bad.into()), ..Default::default() };
+        let ib = named("users", "x", Some(spec));
+        let e = plan(&ib, &resolved(&ib), &cfg).unwrap_err();
+        assert_eq!(e.field, "spec.layerCache.scope", "{bad}: {e}");
+    }
+    // A name too long for a repository still gets its own valid scope.
+    let long = "w".repeat(250);
+    let repo = of("users", &long, None);
+    assert!(repo.len() <= 255 && bob::oci::reference::parse(&repo).is_ok(), "{repo}");
+    assert_ne!(repo, of("users", &"w".repeat(249), None));
+}
+
+#[test]
+fn imagebuilds_of_one_key_share_one_build_pod_whatever_their_scopes() {
+    // The same Dockerfile (the same key, the same workspace image) in two scopes: one build, as
+    // without a cache. Its image is both ImageBuilds' image anyway (a cache hit would hand the
+    // first one's to the second); the build uses the cache scope of the one that started it.
+    let cfg = config(true, Some(CACHE));
+    let alice = planned(&named("users", "alice-ws", None), &cfg);
+    let bob = planned(&named("users", "bob-ws", None), &cfg);
+    assert_eq!(alice.workspace_ref, bob.workspace_ref);
+    assert_ne!(cache_of(&alice), cache_of(&bob));
+    assert_eq!(alice.pod.metadata.name, bob.pod.metadata.name);
+    let off = planned(&named("users", "alice-ws", None), &PlanConfig::default());
+    assert_eq!(alice.pod.metadata.name, off.pod.metadata.name, "the cache does not change the pod's name");
+    let ib = named("users", "alice-ws", None);
+    let secret = ib.spec.registry_auth.as_ref().map(|a| a.secret_ref.name.as_str());
+    assert_eq!(alice.pod.metadata.name.unwrap(), pod_name(secret, &alice.workspace_ref, 1));
+}
