@@ -4,6 +4,7 @@
 
 pub mod cache_scope;
 pub mod cluster;
+mod containers;
 pub mod decide;
 pub mod engine;
 pub mod ha;
