@@ -84,18 +84,34 @@ pub fn parse_ref(value: &str) -> Result<Reference, Error> {
     Ok(reference::parse(value)?)
 }
 
-/// The credential store `bob copy` uses: the file given, else the docker defaults, else none.
-fn credentials(auth_file: Option<&PathBuf>) -> Result<CredentialStore, Error> {
-    match auth_file.cloned().or_else(credentials::default_docker_config) {
-        Some(path) => CredentialStore::file(path).map_err(Error::Credentials),
-        None => Ok(CredentialStore::anonymous()),
+/// The credential store `bob copy` uses: the file given, else the docker defaults, else none;
+/// ECR registries it has no entry for get a token from the ambient AWS credentials.
+async fn credentials(
+    auth_file: Option<&PathBuf>,
+    src: &Reference,
+    dst: &Reference,
+) -> Result<CredentialStore, Error> {
+    let path = auth_file.cloned().or_else(credentials::default_docker_config);
+    let text = match &path {
+        Some(p) => credentials::read_text(p).map_err(Error::Credentials)?,
+        None => "{}".to_string(),
+    };
+    let hosts = [(src.registry().to_string(), false), (dst.registry().to_string(), true)];
+    if crate::cloud::ambient::missing(&text, &hosts).is_empty() {
+        return match path {
+            // The file, re-read when it changes.
+            Some(p) => CredentialStore::file(p).map_err(Error::Credentials),
+            None => Ok(CredentialStore::anonymous()),
+        };
     }
+    let completed = crate::cloud::ambient::complete(text, &hosts).await;
+    CredentialStore::inline(&completed).map_err(Error::Credentials)
 }
 
 /// Runs `bob copy`: prints `<dst>@<digest>` on stdout when done.
 pub async fn run(args: CopyArgs) -> Result<(), Error> {
     let (src, dst) = (parse_ref(&args.src)?, parse_ref(&args.dst)?);
-    let creds = credentials(args.auth_file.as_ref())?;
+    let creds = credentials(args.auth_file.as_ref(), &src, &dst).await?;
     tracing::debug!(credentials = %creds.describe(), "copy configured");
     let client =
         Client::connect(creds, &args.insecure_registries, args.timeout, None).map_err(Error::Transport)?;

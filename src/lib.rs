@@ -6,6 +6,7 @@
 pub mod bounded;
 pub mod build;
 pub mod cli;
+pub mod cloud;
 pub mod controller;
 pub mod copy;
 pub mod crd;

@@ -53,6 +53,19 @@ pub enum Reason {
     /// A registry refused the credentials for a repository the build needs (401/403): fix the
     /// Secret or the registry's permissions; the build waits until the queue time limit.
     RegistryDenied,
+    /// No entry of the controller's registry mapping (`cloudIdentity.registries`) lets the
+    /// ImageBuild's namespace use a repository it needs: the operator adds one, or the ImageBuild
+    /// names a Secret (`spec.registryAuth`). The build waits until the queue time limit.
+    RegistryNotMapped,
+    /// The cloud refused to mint the build's registry credential (AWS `AccessDenied`: the role's
+    /// policy or trust policy): fix the role; the build waits until the queue time limit.
+    AccessDenied,
+    /// A repository the build pushes to does not exist and the registry creates none on push
+    /// (ECR): create it; the build waits until the queue time limit.
+    RepositoryNotFound,
+    /// Cloud-minted credentials are refused because no NetworkPolicy keeps build pods from the
+    /// cloud's metadata endpoints: enable the chart's build-pod network policy.
+    NetworkPolicyMissing,
     /// The API server refused the build pod for good (Pod Security admission, an admission
     /// webhook, an invalid pod): change the namespace's policy or the ImageBuild.
     PodRejected,
@@ -86,7 +99,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for documentation and exhaustive tests.
-    pub const ALL: [Reason; 33] = [
+    pub const ALL: [Reason; 37] = [
         Reason::Built,
         Reason::CacheHit,
         Reason::InvalidSpec,
@@ -107,6 +120,10 @@ impl Reason {
         Reason::SecretNotFound,
         Reason::SecretInvalid,
         Reason::RegistryDenied,
+        Reason::RegistryNotMapped,
+        Reason::AccessDenied,
+        Reason::RepositoryNotFound,
+        Reason::NetworkPolicyMissing,
         Reason::PodRejected,
         Reason::QuotaExceeded,
         Reason::ApiUnavailable,
@@ -145,6 +162,10 @@ impl Reason {
             Reason::SecretNotFound => "SecretNotFound",
             Reason::SecretInvalid => "SecretInvalid",
             Reason::RegistryDenied => "RegistryDenied",
+            Reason::RegistryNotMapped => "RegistryNotMapped",
+            Reason::AccessDenied => "AccessDenied",
+            Reason::RepositoryNotFound => "RepositoryNotFound",
+            Reason::NetworkPolicyMissing => "NetworkPolicyMissing",
             Reason::PodRejected => "PodRejected",
             Reason::QuotaExceeded => "QuotaExceeded",
             Reason::ApiUnavailable => "ApiUnavailable",
@@ -170,6 +191,10 @@ impl Reason {
                 | Reason::SecretNotFound
                 | Reason::SecretInvalid
                 | Reason::RegistryDenied
+                | Reason::RegistryNotMapped
+                | Reason::AccessDenied
+                | Reason::RepositoryNotFound
+                | Reason::NetworkPolicyMissing
                 | Reason::PodRejected
                 | Reason::SourceFetchFailed
                 | Reason::InvalidConfig

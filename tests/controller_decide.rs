@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use bob::controller::cluster::count;
 use bob::controller::decide::{
-    Count, Created, Effect, Failure, Need, Next, Observed, Settings, Slots, Step, Transition, decide, refusal,
+    Access, Count, Created, Effect, Failure, Need, Next, Observed, Settings, Slots, Step, Transition, decide,
+    refusal,
 };
 use bob::controller::metrics::Metrics;
 use bob::controller::{PlanConfig, Policy, Resolved};
@@ -53,7 +54,7 @@ fn seen() -> Observed {
 /// Observed up to a planned build: credentials usable, the image resolved, no cache hit.
 fn planned() -> Observed {
     let mut o = seen();
-    o.credentials = Some(Ok(()));
+    o.credentials = Some(Ok(Access::FromSpec));
     o.resolved = Some(Ok(Resolved { image_digest: Some(DIGEST.into()), ..Default::default() }));
     o.cache = Some(Ok(None));
     o
@@ -107,7 +108,7 @@ fn a_new_build_asks_in_order_for_what_it_needs_and_nothing_more() {
     let cfg = settings(None);
     let mut o = seen();
     assert_eq!(need(decide(&b, &o, &cfg)), Need::Credentials);
-    o.credentials = Some(Ok(()));
+    o.credentials = Some(Ok(Access::FromSpec));
     assert_eq!(need(decide(&b, &o, &cfg)), Need::Resolve);
     o.resolved = Some(Ok(Resolved { image_digest: Some(DIGEST.into()), ..Default::default() }));
     let Need::Cache(r) = need(decide(&b, &o, &cfg)) else { panic!("cache") };

@@ -14,14 +14,19 @@ use serde_json::json;
 
 use std::time::Duration;
 
-use super::decide::{Count, Created, Effect, Failure, Need, Next, Observed, Slots, Transition};
+use super::cache_scope;
+use super::decide::{Access, Count, Created, Effect, Failure, Need, Next, Observed, Slots, Transition};
 use super::engine::World;
 use super::logship::{self, Shipment};
 use super::metrics::{Metrics, ModeLabel, OutcomeLabels, ReasonLabel};
+use super::plan::Resolved;
 use super::pod::{BUILD_POD_SELECTOR, CONTAINER_BUILD};
 use super::policy::owner_done;
 use super::resolve::{self, GitAuth};
 use super::{Context, Error, FIELD_MANAGER};
+use crate::cloud::guard;
+use crate::cloud::mapping::{self, Grant};
+use crate::cloud::secret::Minted;
 use crate::crd::ImageBuild;
 use crate::logs::store::Redactor;
 use crate::oci::client::Client;
@@ -34,12 +39,69 @@ pub struct Cluster<'a> {
     ns: String,
     registry: Option<Arc<Client>>,
     git: Option<GitAuth>,
+    /// The credential minted for this build (and the grants it covers), when it uses one.
+    minted: Option<(Vec<Grant>, Minted)>,
 }
 
 impl<'a> Cluster<'a> {
     /// The cluster for a reconcile of an ImageBuild in `ns`.
     pub fn new(ctx: &'a Context, ns: String) -> Self {
-        Self { ctx, ns, registry: None, git: None }
+        Self { ctx, ns, registry: None, git: None, minted: None }
+    }
+
+    /// The registry client of a credential minted from the controller's cloud identity for what
+    /// the build touches (its repositories and `from_images`), when it names no Secret and
+    /// touches a mapped registry; `Ok(Ok(None))` when it needs none.
+    async fn cloud_client(
+        &mut self,
+        ib: &ImageBuild,
+        from_images: &[String],
+    ) -> Result<Result<Option<Arc<Client>>, Failure>, Failure> {
+        let Some(broker) = self.ctx.cloud.clone() else { return Ok(Ok(None)) };
+        if ib.spec.registry_auth.is_some() {
+            return Ok(Ok(None));
+        }
+        let cache = cache_scope::plan(ib, &self.ctx.settings.plan.layer_cache).ok().flatten();
+        let needs = mapping::needs(ib, from_images, cache.as_ref().map(|c| c.repository.as_str()));
+        let ns = self.ns.clone();
+        let labels = if broker.uses_selectors() {
+            super::cloud::namespace_labels(&self.ctx.client, &ns)
+                .await
+                .map_err(|e| api_failure(&format!("read Namespace {ns}"), &e))?
+        } else {
+            Default::default()
+        };
+        let grants = match broker.grants(&ns, &labels, &needs) {
+            Ok(g) if g.is_empty() => return Ok(Ok(None)),
+            Ok(g) => g,
+            Err(f) => return Ok(Err(f)),
+        };
+        let guard = super::cloud::metadata_guard(&self.ctx.client, &ns)
+            .await
+            .map_err(|e| api_failure("list the NetworkPolicies", &e))?;
+        if let Err(f) = guard {
+            return Ok(Err(f));
+        }
+        // The images the build pushes must exist (ECR creates no repository on push); the layer
+        // cache is best effort and not checked.
+        let cache_repo = cache.as_ref().map(|c| c.repository.as_str());
+        let must_exist: Vec<(String, String)> = needs
+            .iter()
+            .filter(|n| n.push && Some(format!("{}/{}", n.host, n.repository).as_str()) != cache_repo)
+            .map(|n| (n.host.clone(), n.repository.clone()))
+            .collect();
+        let minted = match broker.mint(&ns, &grants, &must_exist).await {
+            Ok(m) => m,
+            Err(f) => return Ok(Err(f)),
+        };
+        let key =
+            format!("cloud:{ns}:{}@{}", serde_json::to_string(&grants).unwrap_or_default(), minted.minted_at);
+        let client = match self.ctx.registry(&key, minted.docker_config.expose()) {
+            Ok(c) => c,
+            Err(f) => return Ok(Err(f)),
+        };
+        self.minted = Some((grants, minted));
+        Ok(Ok(Some(client)))
     }
 
     fn api<K>(&self) -> Api<K>
@@ -49,9 +111,10 @@ impl<'a> Cluster<'a> {
         Api::namespaced(self.ctx.client.clone(), &self.ns)
     }
 
-    /// The Secrets the spec names: the registry client from the docker config, git credentials.
-    async fn credentials(&mut self, ib: &ImageBuild) -> Result<Result<(), Failure>, Failure> {
-        let ns = &self.ns;
+    /// The Secrets the spec names (the registry client from the docker config, git credentials),
+    /// or a credential minted for the build's repositories.
+    async fn credentials(&mut self, ib: &ImageBuild) -> Result<Result<Access, Failure>, Failure> {
+        let ns = &self.ns.clone();
         let secrets: Api<Secret> = self.api();
         let value = |secret: &Secret, key: &str| {
             secret.data.as_ref().and_then(|d| d.get(key)).map(|b| String::from_utf8_lossy(&b.0).into_owned())
@@ -87,8 +150,12 @@ impl<'a> Cluster<'a> {
                     }
                 }
             }
-            None => match self.ctx.registry("", "{}") {
-                Ok(client) => client,
+            None => match self.cloud_client(ib, &[]).await? {
+                Ok(Some(client)) => client,
+                Ok(None) => match self.ctx.registry("", "{}") {
+                    Ok(client) => client,
+                    Err(f) => return Ok(Err(f)),
+                },
                 Err(f) => return Ok(Err(f)),
             },
         };
@@ -106,7 +173,7 @@ impl<'a> Cluster<'a> {
             self.git = Some(GitAuth { username, password: Sensitive::new(password) });
         }
         self.registry = Some(registry);
-        Ok(Ok(()))
+        Ok(Ok(if self.minted.is_some() { Access::Minted } else { Access::FromSpec }))
     }
 
     async fn lookup(
@@ -117,7 +184,7 @@ impl<'a> Cluster<'a> {
     ) -> Option<super::decide::Lookup> {
         if self.registry.is_none() {
             match self.credentials(ib).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(_)) => {}
                 Ok(Err(f)) => return Some(Err(f)),
                 Err(f) => {
                     seen.api_error = Some(f);
@@ -127,6 +194,28 @@ impl<'a> Cluster<'a> {
         }
         let client = self.registry.clone()?;
         Some(resolve::lookup(&client, r).await)
+    }
+
+    /// Resolves the build's inputs; a minted credential is minted again for the images its
+    /// Dockerfile reads (pull on exactly those), before they are pinned with it.
+    async fn resolve(
+        &mut self,
+        ib: &ImageBuild,
+        client: Arc<Client>,
+        scratch: &std::path::Path,
+    ) -> Result<Resolved, Failure> {
+        let mut resolved = resolve::fetch(ib, self.git.as_ref(), scratch).await?;
+        let mut client = client;
+        if self.minted.is_some() {
+            let images = resolve::images(ib, &resolved)?;
+            match self.cloud_client(ib, &images).await {
+                Ok(Ok(Some(c))) => client = c,
+                Ok(Ok(None)) => {}
+                Ok(Err(f)) | Err(f) => return Err(f),
+            }
+        }
+        resolve::pin(ib, &client, &mut resolved).await?;
+        Ok(resolved)
     }
 
     /// Whether a build slot is free for a new pod (joining a running pod needs none).
@@ -162,16 +251,16 @@ impl<'a> Cluster<'a> {
     async fn create(&self, ib: &ImageBuild, pod: &Pod) -> Result<Created, kube::Error> {
         let api: Api<Pod> = self.api();
         let name = pod.metadata.name.clone().unwrap_or_default();
-        let existing = match api.get_opt(&name).await? {
-            Some(p) => p,
+        let (existing, created) = match api.get_opt(&name).await? {
+            Some(p) => (p, false),
             None => {
                 let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
                 match api.create(&params, pod).await {
-                    Ok(_) => {
+                    Ok(stored) => {
                         tracing::info!(pod = %name, imagebuild = %ib.name_any(), "created build pod");
-                        return Ok(Created::Created);
+                        (stored, true)
                     }
-                    Err(kube::Error::Api(e)) if e.code == 409 => api.get(&name).await?,
+                    Err(kube::Error::Api(e)) if e.code == 409 => (api.get(&name).await?, false),
                     Err(kube::Error::Api(e)) => {
                         tracing::info!(pod = %name, code = e.code, message = %e.message, "the API server refused the build pod");
                         return Ok(Created::Refused { code: e.code, message: e.message });
@@ -180,6 +269,24 @@ impl<'a> Cluster<'a> {
                 }
             }
         };
+        // The pod as admission left it: a webhook that gave a container a cloud identity (IRSA,
+        // Pod Identity, AWS keys) despite the skip annotation makes it unsafe to run.
+        let leaks = guard::identity_leaks(&existing);
+        if !leaks.is_empty() {
+            tracing::warn!(pod = %name, leaks = ?leaks, "a build pod was given a cloud identity; deleting it");
+            match api.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+            return Ok(Created::Unsafe { leaks });
+        }
+        if let Some((grants, minted)) = &self.minted {
+            super::cloud::ensure_secret(&self.ctx.client, &self.ns, &existing, grants, minted).await?;
+        }
+        if created {
+            return Ok(Created::Created);
+        }
         let uid = ib.uid().unwrap_or_default();
         if existing.owner_references().iter().any(|o| o.uid == uid) {
             return Ok(Created::Found);
@@ -223,7 +330,7 @@ impl World for Cluster<'_> {
                         Some(Err(Failure::new(Reason::Internal, "no registry client or scratch directory")));
                     return;
                 };
-                seen.resolved = Some(resolve::resolve(ib, &client, self.git.as_ref(), scratch.path()).await);
+                seen.resolved = Some(self.resolve(ib, client, scratch.path()).await);
             }
             Need::Cache(r) => {
                 if let Some(found) = self.lookup(ib, &r, seen).await {
@@ -388,8 +495,12 @@ async fn ship_log(ib: &ImageBuild, ctx: &Context, pod: String, attempt: u32) {
             secret.data?.get(key).map(|b| String::from_utf8_lossy(&b.0).into_owned())
         }
     };
-    let registry =
-        value(ib.spec.registry_auth.as_ref().map(|a| a.secret_ref.name.clone()), ".dockerconfigjson").await;
+    // The Secret the spec names, else the credential minted for this pod (if any).
+    let registry_secret = match &ib.spec.registry_auth {
+        Some(a) => Some(a.secret_ref.name.clone()),
+        None => ctx.cloud.as_ref().map(|_| crate::cloud::secret::name(&pod)),
+    };
+    let registry = value(registry_secret, ".dockerconfigjson").await;
     let git_secret =
         ib.spec.source.dockerfile.as_ref().and_then(|d| d.git.as_ref()?.credentials_secret_ref.clone());
     let git = value(git_secret.map(|r| r.name), "password").await;

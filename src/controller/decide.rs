@@ -72,11 +72,11 @@ fn start(ib: &ImageBuild, old: ImageBuildStatus, attempt: u32, seen: &Observed, 
         log_refs: if same_generation { old.log_refs.clone() } else { Vec::new() },
         ..Default::default()
     };
-    match &seen.credentials {
+    let access = match &seen.credentials {
         None => return Step::Observe(Need::Credentials),
         Some(Err(f)) => return Step::Act(wait(ib, &old, s, f.clone(), now, cfg)),
-        Some(Ok(())) => {}
-    }
+        Some(Ok(access)) => *access,
+    };
     let resolved = match &seen.resolved {
         None => return Step::Observe(Need::Resolve),
         Some(Err(f)) if waits(f.reason) => return Step::Act(wait(ib, &old, s, f.clone(), now, cfg)),
@@ -124,6 +124,9 @@ fn start(ib: &ImageBuild, old: ImageBuildStatus, attempt: u32, seen: &Observed, 
         None => {
             let mut pod = planned.pod;
             pod.metadata.name = Some(pod_name);
+            if access == Access::Minted {
+                super::pod::use_minted_credential(&mut pod);
+            }
             return Step::Observe(Need::Create(Box::new(pod)));
         }
         Some(c) => c,
@@ -134,6 +137,15 @@ fn start(ib: &ImageBuild, old: ImageBuildStatus, attempt: u32, seen: &Observed, 
             format!("joined build pod {pod_name}, started by another ImageBuild with the same key")
         }
         Created::Found => format!("build pod {pod_name} found (started before a restart)"),
+        Created::Unsafe { leaks } => {
+            let message = format!(
+                "build pod {pod_name} was given a cloud identity at admission ({}) and was deleted: \
+                 build pods must have none; use a ServiceAccount without an IAM role \
+                 (eks.amazonaws.com/role-arn, a Pod Identity association) in spec.pod.serviceAccountName",
+                leaks.join("; ")
+            );
+            return Step::Act(finish(status::failed_with(s, Reason::PodRejected, message, now)));
+        }
         Created::Refused { code, message } => {
             let f = refusal(*code, &pod_name, message);
             if waits(f.reason) {
@@ -296,6 +308,10 @@ fn waits(reason: Reason) -> bool {
         reason,
         Reason::RegistryUnavailable
             | Reason::RegistryDenied
+            | Reason::RegistryNotMapped
+            | Reason::AccessDenied
+            | Reason::RepositoryNotFound
+            | Reason::NetworkPolicyMissing
             | Reason::SecretNotFound
             | Reason::SecretInvalid
             | Reason::QuotaExceeded

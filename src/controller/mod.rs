@@ -3,6 +3,7 @@
 //! `bob run` uses the same planning code without a cluster.
 
 pub mod cache_scope;
+pub mod cloud;
 pub mod cluster;
 mod containers;
 pub mod decide;
@@ -88,6 +89,9 @@ pub enum StartError {
     /// The lease manager stopped while this replica waited to lead.
     #[error("leader election stopped")]
     LeaseStopped,
+    /// The registry mapping of the cloud identity cannot be used.
+    #[error("cloud registry credentials")]
+    Cloud(#[source] cloud::StartError),
     /// The admin address cannot be bound.
     #[error("cannot listen on {addr}")]
     Admin {
@@ -157,6 +161,19 @@ pub struct ControllerArgs {
     /// Namespace of the leader Lease (in a cluster: the controller's own namespace).
     #[arg(long, env = "BOB_LEASE_NAMESPACE", default_value = "default")]
     pub lease_namespace: String,
+    /// Which namespaces may use the controller's cloud identity for which registry repositories,
+    /// as a JSON list of entries (chart value `cloudIdentity.registries`; docs/credentials.md).
+    /// Empty: no credential is ever minted; builds use the Secret they name.
+    #[arg(long, env = "BOB_CLOUD_REGISTRIES", default_value = "[]")]
+    pub cloud_registries: String,
+    /// How long a minted build credential's cloud session lasts (15m to 1h: AWS caps a session
+    /// assumed from a role session at an hour). It is refreshed at half its lifetime.
+    #[arg(long, env = "BOB_CLOUD_SESSION_DURATION", default_value = "1h", value_parser = duration::parse)]
+    pub cloud_session_duration: Duration,
+    /// How often the minted credentials of running build pods are checked for refresh, and
+    /// those of finished pods deleted.
+    #[arg(long, env = "BOB_CLOUD_REFRESH_INTERVAL", default_value = "30s", value_parser = duration::parse)]
+    pub cloud_refresh_interval: Duration,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "BOB_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
     pub admin_addr: String,
@@ -176,6 +193,8 @@ pub struct Context {
     pub store: Option<Store<ImageBuild>>,
     /// The build logs being shipped.
     pub logs: logship::Shipper,
+    /// Credentials minted from the controller's cloud identity (`None`: off).
+    pub cloud: Option<Arc<cloud::Broker>>,
     registries: Mutex<HashMap<String, Arc<Client>>>,
 }
 
@@ -196,6 +215,7 @@ impl Context {
             metrics: Arc::default(),
             store: None,
             logs: logship::Shipper::default(),
+            cloud: None,
             registries: Mutex::default(),
         }
     }
@@ -274,8 +294,13 @@ pub async fn run(args: ControllerArgs) -> Result<(), StartError> {
         .with_config(controller_config(args.workers));
     let max_concurrent_builds = (args.max_concurrent_builds > 0).then_some(args.max_concurrent_builds);
     let settings = Settings { plan, policy, queue_timeout: args.queue_timeout, max_concurrent_builds };
+    let broker = cloud::Broker::new(&args.cloud_registries, args.cloud_session_duration)
+        .await
+        .map_err(StartError::Cloud)?
+        .map(Arc::new);
     let mut ctx = Context::with_settings(client, settings);
     ctx.store = Some(controller.store());
+    ctx.cloud = broker;
     let ctx = Arc::new(ctx);
     let listener = tokio::net::TcpListener::bind(&args.admin_addr)
         .await
@@ -302,6 +327,15 @@ pub async fn run(args: ControllerArgs) -> Result<(), StartError> {
     // The leader alone deletes expired build logs.
     let sweeper =
         tokio::spawn(logship::sweep(ctx.client.clone(), args.namespace.clone(), args.log_retention));
+    // The leader alone refreshes minted credentials and deletes those of finished pods.
+    let refresher = ctx.cloud.clone().map(|broker| {
+        tokio::spawn(cloud::refresh(
+            ctx.client.clone(),
+            broker,
+            args.namespace.clone(),
+            args.cloud_refresh_interval,
+        ))
+    });
     tracing::info!(image = %args.image, namespace = ?args.namespace, admin = %args.admin_addr, "bob controller started");
     controller
         .shutdown_on_signal()
@@ -314,6 +348,9 @@ pub async fn run(args: ControllerArgs) -> Result<(), StartError> {
         })
         .await;
     sweeper.abort();
+    if let Some(r) = refresher {
+        r.abort();
+    }
     // The controller (and with it the leadership channel) is gone: let the lease be released.
     if let Some(task) = lease_task {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;

@@ -17,6 +17,7 @@ pub use super::containers::GIT_CREDENTIAL_HELPER;
 use super::containers::{builder, clone_container, empty_dir, env, mount, restricted, small_resources};
 use super::plan::{BuildSecurity, Invalid, PlanConfig};
 use crate::build::Isolation;
+use crate::cloud::guard::SKIP_CONTAINERS;
 use crate::crd::ImageBuild;
 use crate::key::{BuildInputs, DockerfileSource as KeySource};
 
@@ -81,6 +82,45 @@ pub fn pod_name(registry_secret: Option<&str>, workspace_ref: &str, attempt: u32
     format!("bob-build-{hex}-{attempt}")
 }
 
+/// The pod volume of the registry credential (the proxy mounts it whole: no `subPath`, so the
+/// kubelet refreshes the file when the Secret changes).
+const VOLUME_REGISTRY_AUTH: &str = "registry-auth";
+
+fn registry_auth_volume(secret: &str) -> Volume {
+    Volume {
+        name: VOLUME_REGISTRY_AUTH.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.to_string()),
+            items: Some(vec![KeyToPath {
+                key: ".dockerconfigjson".into(),
+                path: "config.json".into(),
+                mode: None,
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Gives the proxy of `pod` the credential minted for it (`<pod>-registry`, written by the
+/// controller once the pod exists, refreshed while it runs) instead of a Secret the spec names.
+pub fn use_minted_credential(pod: &mut Pod) {
+    let name = crate::cloud::secret::name(pod.metadata.name.as_deref().unwrap_or_default());
+    let Some(spec) = pod.spec.as_mut() else { return };
+    let volumes = spec.volumes.get_or_insert_with(Vec::new);
+    volumes.retain(|v| v.name != VOLUME_REGISTRY_AUTH);
+    volumes.push(registry_auth_volume(&name));
+    let Some(proxy) = spec.init_containers.iter_mut().flatten().find(|c| c.name == CONTAINER_PROXY) else {
+        return;
+    };
+    let mounts = proxy.volume_mounts.get_or_insert_with(Vec::new);
+    mounts.retain(|m| m.name != VOLUME_REGISTRY_AUTH);
+    mounts.push(mount(VOLUME_REGISTRY_AUTH, REGISTRY_AUTH_DIR, true));
+    let envs = proxy.env.get_or_insert_with(Vec::new);
+    envs.retain(|e| e.name != "BOB_AUTH_FILE");
+    envs.push(env("BOB_AUTH_FILE", format!("{REGISTRY_AUTH_DIR}/config.json")));
+}
+
 /// Builds the desired pod for an ImageBuild.
 pub fn build_pod(ib: &ImageBuild, p: &PodInputs<'_>) -> Result<Pod, Invalid> {
     let name = ib.metadata.name.clone().unwrap_or_default();
@@ -110,22 +150,15 @@ pub fn build_pod(ib: &ImageBuild, p: &PodInputs<'_>) -> Result<Pod, Invalid> {
     if let Some(c) = p.layer_cache {
         proxy_env.push(env("BOB_PROXY_CACHE_REPOSITORY", &c.repository));
     }
+    #[cfg(feature = "test-hooks")]
+    if let Some(target) = crate::cloud::hook::ecr_registry() {
+        // Tests: the proxy serves ECR names from the same loopback registry as the controller.
+        proxy_env.push(env(crate::cloud::hook::ENV, target));
+    }
     let mut proxy_mounts = Vec::new();
     if let Some(auth) = &spec.registry_auth {
-        volumes.push(Volume {
-            name: "registry-auth".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(auth.secret_ref.name.clone()),
-                items: Some(vec![KeyToPath {
-                    key: ".dockerconfigjson".into(),
-                    path: "config.json".into(),
-                    mode: None,
-                }]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-        proxy_mounts.push(mount("registry-auth", REGISTRY_AUTH_DIR, true));
+        volumes.push(registry_auth_volume(&auth.secret_ref.name));
+        proxy_mounts.push(mount(VOLUME_REGISTRY_AUTH, REGISTRY_AUTH_DIR, true));
         proxy_env.push(env("BOB_AUTH_FILE", format!("{REGISTRY_AUTH_DIR}/config.json")));
     }
 
@@ -232,6 +265,12 @@ pub fn build_pod(ib: &ImageBuild, p: &PodInputs<'_>) -> Result<Pod, Invalid> {
         }
     }
     init.push(proxy);
+    // No container needs a cloud identity, the proxy included: the EKS webhooks (IRSA, Pod
+    // Identity) must not add one, whatever ServiceAccount the pod runs as. The controller checks
+    // the stored pod too (src/cloud/guard.rs), for webhooks that ignore this annotation.
+    let mut names: Vec<&str> = init.iter().map(|c| c.name.as_str()).collect();
+    names.push(CONTAINER_BUILD);
+    annotations.insert(SKIP_CONTAINERS.into(), names.join(","));
     let knobs = spec.pod.clone().unwrap_or_default();
     let build = Container {
         name: CONTAINER_BUILD.into(),

@@ -100,12 +100,16 @@ pub async fn resolve(
     git_auth: Option<&GitAuth>,
     scratch: &Path,
 ) -> Result<Resolved, Error> {
+    let mut resolved = fetch(ib, git_auth, scratch).await?;
+    pin(ib, client, &mut resolved).await?;
+    Ok(resolved)
+}
+
+/// What resolving takes from git alone: the commit and the Dockerfile (the registry part,
+/// `pin`, may need a credential for the images that Dockerfile names).
+pub async fn fetch(ib: &ImageBuild, git_auth: Option<&GitAuth>, scratch: &Path) -> Result<Resolved, Error> {
     super::plan::check_references(ib).map_err(|e| fail(e.reason(), e.to_string()))?;
     let mut resolved = Resolved::default();
-    if let Some(image) = &ib.spec.source.image {
-        let r = parse(&image.reference)?;
-        resolved.image_digest = Some(digest_of(client, &r, "the source image").await?);
-    }
     if let Some(git_source) = ib.spec.source.dockerfile.as_ref().and_then(|d| d.git.as_ref()) {
         let sha = commit(git_source, git_auth).await?;
         checkout(&git_source.url, &sha, scratch, git_auth).await?;
@@ -121,12 +125,26 @@ pub async fn resolve(
         resolved.git_commit = Some(sha);
         resolved.git_dockerfile = Some(text);
     }
-    let images = from_images(ib, &resolved).map_err(|e| fail(Reason::DockerfileInvalid, e.to_string()))?;
-    for image in images.unwrap_or_default() {
+    Ok(resolved)
+}
+
+/// The images a fetched build reads: its `FROM`s (and `COPY --from`/`RUN --mount` images).
+pub fn images(ib: &ImageBuild, resolved: &Resolved) -> Result<Vec<String>, Error> {
+    let images = from_images(ib, resolved).map_err(|e| fail(Reason::DockerfileInvalid, e.to_string()))?;
+    Ok(images.unwrap_or_default())
+}
+
+/// Pins a fetched build's images to digests: the source image's and every image it reads.
+pub async fn pin(ib: &ImageBuild, client: &Client, resolved: &mut Resolved) -> Result<(), Error> {
+    if let Some(image) = &ib.spec.source.image {
+        let r = parse(&image.reference)?;
+        resolved.image_digest = Some(digest_of(client, &r, "the source image").await?);
+    }
+    for image in images(ib, resolved)? {
         let digest = digest_of(client, &parse(&image)?, &format!("FROM {image}")).await?;
         resolved.from_digests.insert(image, digest);
     }
-    Ok(resolved)
+    Ok(())
 }
 
 fn parse(image: &str) -> Result<Reference, Error> {

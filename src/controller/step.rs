@@ -36,6 +36,16 @@ impl Failure {
 /// A registry's answer to "which digest is at this reference": `None` when nothing is.
 pub type Lookup = Result<Option<String>, Failure>;
 
+/// Where the build's registry credential comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// The Secret the spec names (`spec.registryAuth`), or none (anonymous registries).
+    FromSpec,
+    /// Minted for this build from the controller's cloud identity (src/cloud): the pod gets a
+    /// Secret of its own, written when it is created.
+    Minted,
+}
+
 /// How creating the build pod went.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Created {
@@ -45,6 +55,12 @@ pub enum Created {
     Joined,
     /// This ImageBuild already owned it (a status write was lost, e.g. by a restart).
     Found,
+    /// The API server stored it with a cloud identity in a container (an admission webhook
+    /// added one): it was deleted again.
+    Unsafe {
+        /// What gave which container an identity.
+        leaks: Vec<String>,
+    },
     /// The API server refused it.
     Refused {
         /// The HTTP status.
@@ -72,8 +88,8 @@ pub struct Observed {
     pub now: Timestamp,
     /// A call to the Kubernetes API failed; nothing else can be trusted this time.
     pub api_error: Option<Failure>,
-    /// The registry (and git) Secrets: usable, or why not.
-    pub credentials: Option<Result<(), Failure>>,
+    /// The registry (and git) credentials: usable and where from, or why not.
+    pub credentials: Option<Result<Access, Failure>>,
     /// Digests, commit and Dockerfile the plan needs.
     pub resolved: Option<Result<Resolved, Failure>>,
     /// The workspace image, if it exists (a cache hit).

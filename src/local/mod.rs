@@ -114,6 +114,7 @@ pub async fn run(args: RunArgs) -> Result<ImageBuildStatus, Error> {
         return Err(Error::NotRoot);
     }
     let docker_config = registry_config(&input, args.auth_file.as_ref())?;
+    let docker_config = crate::cloud::ambient::complete(docker_config, &ecr_hosts(&input.image_build)).await;
     let temp = tempfile::Builder::new().prefix("bob-run-").tempdir().map_err(Error::Work)?;
     let work = args.work_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
     std::fs::create_dir_all(work.join("source")).map_err(Error::Work)?;
@@ -193,6 +194,13 @@ async fn execute(
         }
     }
     Err(Error::Stuck(crate::controller::engine::Stuck { need: "more rounds than a build takes".into() }))
+}
+
+/// The registries a run touches, with whether it pushes there (the `FROM`s of an inline
+/// Dockerfile included; a git Dockerfile's are known only once it is fetched).
+fn ecr_hosts(ib: &crate::crd::ImageBuild) -> Vec<(String, bool)> {
+    let from = crate::controller::from_images(ib, &Default::default()).ok().flatten().unwrap_or_default();
+    crate::cloud::mapping::needs(ib, &from, None).into_iter().map(|n| (n.host, n.push)).collect()
 }
 
 /// The docker config the run uses: the file's registry Secret, else a local one, else none;

@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Pod;
 
 use super::input::Input;
 use super::pod;
-use crate::controller::decide::{Created, Failure, Need, Observed};
+use crate::controller::decide::{Access, Created, Failure, Need, Observed};
 use crate::controller::engine::World;
 use crate::controller::resolve::{self, GitAuth};
 use crate::crd::ImageBuild;
@@ -94,7 +94,7 @@ impl<'a> Laptop<'a> {
 impl World for Laptop<'_> {
     async fn observe(&mut self, ib: &ImageBuild, need: Need, seen: &mut Observed) {
         match need {
-            Need::Credentials => seen.credentials = Some(self.credentials(ib)),
+            Need::Credentials => seen.credentials = Some(self.credentials(ib).map(|()| Access::FromSpec)),
             Need::Resolve => {
                 let source = self.work.join("source");
                 let result = match (&self.client, std::fs::create_dir_all(&source)) {

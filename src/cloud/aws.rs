@@ -1,0 +1,258 @@
+//! The AWS calls (feature `aws`): the controller's scoped credential — `AssumeRole` of the mapping
+//! entry's role with a session policy naming only the build's repositories, then
+//! `GetAuthorizationToken` with that session (`ecr-public` in `us-east-1` for `public.ecr.aws`) —
+//! and a laptop's ambient token for `bob run` and `bob copy`. Credentials come from the SDK's
+//! default chain (IRSA web identity, EKS Pod Identity, profiles, SSO); `AWS_ENDPOINT_URL` points
+//! every call elsewhere (tests). The SDK speaks TLS with rustls on ring.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_sts::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use k8s_openapi::jiff::Timestamp;
+
+use super::ecr::{self, Registry};
+use super::mapping::Grant;
+use super::policy::session_policy;
+use super::secret::{Minted, docker_config};
+
+/// Why no credential was minted. Messages name the mapping entry and the AWS error code, never
+/// the controller's identity (AWS's own text names it: it is logged, not put in a status).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// AWS refused a call (`AccessDenied`, an expired or invalid token, a trust policy).
+    #[error(
+        "AWS refused {call} for registry mapping {entry:?} ({code}): the role must allow it (docs/handbook.md, \"Registry credentials\")"
+    )]
+    Denied {
+        /// The call.
+        call: &'static str,
+        /// The entry.
+        entry: String,
+        /// AWS's error code.
+        code: String,
+    },
+    /// A repository the build pushes to does not exist (ECR creates none on push).
+    #[error(
+        "repository {repository} does not exist in {host}: create it (aws ecr create-repository --repository-name {repository})"
+    )]
+    RepositoryNotFound {
+        /// The registry.
+        host: String,
+        /// The repository.
+        repository: String,
+    },
+    /// AWS did not answer, or answered something else.
+    #[error("{call} failed for registry mapping {entry:?}: {message}")]
+    Failed {
+        /// The call.
+        call: &'static str,
+        /// The entry.
+        entry: String,
+        /// What happened (no credential in it).
+        message: String,
+    },
+}
+
+/// The environment's AWS configuration (credentials chain, region, `AWS_ENDPOINT_URL`), spoken
+/// over hyper with rustls on ring (the SDK's default client would bring aws-lc).
+pub async fn environment() -> SdkConfig {
+    use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
+    let http =
+        aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring)).build_https();
+    aws_config::defaults(BehaviorVersion::latest()).http_client(http).load().await
+}
+
+fn classify<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
+    call: &'static str,
+    entry: &str,
+    e: SdkError<E, R>,
+) -> Error {
+    tracing::warn!(call, entry, error = %DisplayErrorContext(&e), "an AWS call failed");
+    let code = e.as_service_error().and_then(|s| s.code()).map(str::to_string);
+    match code {
+        Some(code)
+            if code.contains("AccessDenied")
+                || code.contains("Unauthorized")
+                || code.contains("ExpiredToken")
+                || code.contains("InvalidClientTokenId")
+                || code.contains("InvalidIdentityToken") =>
+        {
+            Error::Denied { call, entry: entry.to_string(), code }
+        }
+        Some(code) => Error::Failed { call, entry: entry.to_string(), message: code },
+        None => Error::Failed { call, entry: entry.to_string(), message: "no answer from AWS".into() },
+    }
+}
+
+fn timestamp(t: SystemTime) -> Timestamp {
+    Timestamp::try_from(t).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+/// A token's expiry, ignored when it is not in the future (then the session bounds it).
+fn expiry(t: Option<&aws_sdk_ecr::primitives::DateTime>, now: Timestamp) -> Option<Timestamp> {
+    let t = SystemTime::try_from(*t?).ok().map(timestamp)?;
+    (t > now).then_some(t)
+}
+
+/// Mints build credentials with the controller's identity.
+pub struct Minter {
+    base: SdkConfig,
+    session: Duration,
+}
+
+impl Minter {
+    /// A minter whose sessions last `session` (15 minutes to 1 hour: AssumeRole from a role
+    /// session is role chaining, which AWS caps at an hour).
+    pub fn new(base: SdkConfig, session: Duration) -> Self {
+        Self { base, session }
+    }
+
+    /// One credential for `grants` of a build in `ns`: a session per grant, a token per registry.
+    /// `must_exist` are the repositories the build pushes its images to (not the layer cache).
+    pub async fn mint(
+        &self,
+        ns: &str,
+        grants: &[Grant],
+        must_exist: &[(String, String)],
+    ) -> Result<Minted, Error> {
+        let now = Timestamp::now();
+        let mut expires_at = now + self.session;
+        let mut entries = BTreeMap::new();
+        for g in grants {
+            let Some(registry) = ecr::parse(&g.host) else { continue };
+            let region = Region::new(registry.region().to_string());
+            let sts = aws_sdk_sts::Client::from_conf(
+                aws_sdk_sts::config::Builder::from(&self.base).region(region.clone()).build(),
+            );
+            let session_name: String = format!("bob-{ns}").chars().take(64).collect();
+            let out = sts
+                .assume_role()
+                .role_arn(&g.role_arn)
+                .role_session_name(session_name)
+                .policy(session_policy(g))
+                .duration_seconds(self.session.as_secs().clamp(900, 43_200) as i32)
+                .send()
+                .await
+                .map_err(|e| classify("sts:AssumeRole", &g.entry, e))?;
+            let c = out.credentials().ok_or_else(|| Error::Failed {
+                call: "sts:AssumeRole",
+                entry: g.entry.clone(),
+                message: "no credentials in the answer".into(),
+            })?;
+            let session_end = SystemTime::try_from(*c.expiration()).ok();
+            if let Some(end) = session_end {
+                expires_at = expires_at.min(timestamp(end));
+            }
+            let creds = aws_credential_types::Credentials::new(
+                c.access_key_id(),
+                c.secret_access_key(),
+                Some(c.session_token().to_string()),
+                session_end,
+                "bob-build-session",
+            );
+            let (auth, token_end) = match &registry {
+                Registry::Private { account, fips, .. } => {
+                    let conf = aws_sdk_ecr::config::Builder::from(&self.base)
+                        .region(region)
+                        .credentials_provider(creds)
+                        .use_fips(*fips)
+                        .build();
+                    let ecr = aws_sdk_ecr::Client::from_conf(conf);
+                    for (host, repository) in must_exist.iter().filter(|(h, _)| h == &g.host) {
+                        check_exists(&ecr, account, host, repository, &g.entry).await?;
+                    }
+                    let out = ecr
+                        .get_authorization_token()
+                        .send()
+                        .await
+                        .map_err(|e| classify("ecr:GetAuthorizationToken", &g.entry, e))?;
+                    let data = out.authorization_data().first();
+                    let token = data.and_then(|d| d.authorization_token()).map(str::to_string);
+                    (token, expiry(data.and_then(|d| d.expires_at()), now))
+                }
+                Registry::Public => {
+                    let conf = aws_sdk_ecrpublic::config::Builder::from(&self.base)
+                        .region(Region::new(ecr::PUBLIC_REGION))
+                        .credentials_provider(creds)
+                        .build();
+                    let out = aws_sdk_ecrpublic::Client::from_conf(conf)
+                        .get_authorization_token()
+                        .send()
+                        .await
+                        .map_err(|e| classify("ecr-public:GetAuthorizationToken", &g.entry, e))?;
+                    let data = out.authorization_data();
+                    let token = data.and_then(|d| d.authorization_token()).map(str::to_string);
+                    (token, expiry(data.and_then(|d| d.expires_at()), now))
+                }
+            };
+            let auth = auth.ok_or_else(|| Error::Failed {
+                call: "GetAuthorizationToken",
+                entry: g.entry.clone(),
+                message: "no token in the answer".into(),
+            })?;
+            if let Some(end) = token_end {
+                expires_at = expires_at.min(end);
+            }
+            entries.insert(g.host.clone(), auth);
+        }
+        Ok(Minted { docker_config: docker_config(&entries), minted_at: now, expires_at })
+    }
+}
+
+async fn check_exists(
+    ecr: &aws_sdk_ecr::Client,
+    account: &str,
+    host: &str,
+    repository: &str,
+    entry: &str,
+) -> Result<(), Error> {
+    match ecr.describe_repositories().registry_id(account).repository_names(repository).send().await {
+        Ok(_) => Ok(()),
+        Err(e) if e.as_service_error().is_some_and(|s| s.is_repository_not_found_exception()) => {
+            Err(Error::RepositoryNotFound { host: host.to_string(), repository: repository.to_string() })
+        }
+        Err(e) => Err(classify("ecr:DescribeRepositories", entry, e)),
+    }
+}
+
+/// Tokens for the ECR `hosts` with the environment's own identity (a laptop's profile, SSO, or
+/// environment variables): `host → auth` for a docker config. No session policy: the identity is
+/// the user's own.
+pub async fn ambient(hosts: &[String]) -> Result<BTreeMap<String, String>, Error> {
+    let base = environment().await;
+    let mut out = BTreeMap::new();
+    for host in hosts {
+        let token = match ecr::parse(host) {
+            Some(Registry::Private { region, fips, .. }) => {
+                let conf = aws_sdk_ecr::config::Builder::from(&base)
+                    .region(Region::new(region))
+                    .use_fips(fips)
+                    .build();
+                let out = aws_sdk_ecr::Client::from_conf(conf)
+                    .get_authorization_token()
+                    .send()
+                    .await
+                    .map_err(|e| classify("ecr:GetAuthorizationToken", "ambient", e))?;
+                out.authorization_data().first().and_then(|d| d.authorization_token()).map(str::to_string)
+            }
+            Some(Registry::Public) => {
+                let conf = aws_sdk_ecrpublic::config::Builder::from(&base)
+                    .region(Region::new(ecr::PUBLIC_REGION))
+                    .build();
+                let out = aws_sdk_ecrpublic::Client::from_conf(conf)
+                    .get_authorization_token()
+                    .send()
+                    .await
+                    .map_err(|e| classify("ecr-public:GetAuthorizationToken", "ambient", e))?;
+                out.authorization_data().and_then(|d| d.authorization_token()).map(str::to_string)
+            }
+            None => continue,
+        };
+        if let Some(t) = token {
+            out.insert(host.clone(), t);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,195 @@
+//! What must hold before a build pod gets a cloud-minted credential, and after it is created
+//! (pure): its namespace's NetworkPolicies block the instance metadata and EKS Pod Identity
+//! endpoints, and no admission webhook gave any container a cloud identity.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPort};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+/// Link-local endpoints that hand out node or pod credentials (port 80): the instance metadata
+/// service (IPv4 and IPv6) and the EKS Pod Identity agent.
+pub const METADATA_ENDPOINTS: [&str; 4] =
+    ["169.254.169.254", "fd00:ec2::254", "169.254.170.23", "fd00:ec2::23"];
+
+/// Pod annotation: containers the EKS webhooks (IRSA, Pod Identity) must not give credentials to.
+pub const SKIP_CONTAINERS: &str = "eks.amazonaws.com/skip-containers";
+
+/// Environment variables through which AWS SDKs find credentials.
+pub const AWS_CREDENTIAL_ENV: [&str; 7] = [
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+];
+
+/// `Ok` when the NetworkPolicies of a namespace keep pods with `labels` from reaching every
+/// metadata endpoint on port 80; else why not. NetworkPolicies add up: once one selects a pod for
+/// egress, what no selecting policy allows is denied.
+pub fn metadata_blocked(policies: &[NetworkPolicy], labels: &BTreeMap<String, String>) -> Result<(), String> {
+    let selecting: Vec<&NetworkPolicy> = policies
+        .iter()
+        .filter(|p| {
+            let Some(spec) = &p.spec else { return false };
+            let egress = match &spec.policy_types {
+                Some(types) => types.iter().any(|t| t == "Egress"),
+                None => spec.egress.is_some(),
+            };
+            // An absent selector is the empty one: every pod.
+            egress && spec.pod_selector.as_ref().is_none_or(|s| selector_matches(s, labels))
+        })
+        .collect();
+    if selecting.is_empty() {
+        return Err("no NetworkPolicy restricts the build pods' egress".into());
+    }
+    for p in selecting {
+        for rule in p.spec.as_ref().and_then(|s| s.egress.as_ref()).into_iter().flatten() {
+            if !rule.ports.as_ref().is_none_or(|ports| ports.is_empty() || ports.iter().any(port_80)) {
+                continue;
+            }
+            let peers = rule.to.as_deref().unwrap_or_default();
+            let open = METADATA_ENDPOINTS.iter().find(|ip| {
+                peers.is_empty()
+                    || peers.iter().any(|peer| {
+                        peer.ip_block.as_ref().is_some_and(|b| {
+                            contains(&b.cidr, ip) && !b.except.iter().flatten().any(|e| contains(e, ip))
+                        })
+                    })
+            });
+            if let Some(ip) = open {
+                let name = p.metadata.name.as_deref().unwrap_or("?");
+                return Err(format!("NetworkPolicy {name} allows egress to the metadata endpoint {ip}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn port_80(p: &NetworkPolicyPort) -> bool {
+    if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+        return false;
+    }
+    match &p.port {
+        None => true,
+        // A named port may be anything: assume the worst.
+        Some(IntOrString::String(_)) => true,
+        Some(IntOrString::Int(n)) => *n == 80 || p.end_port.is_some_and(|end| *n <= 80 && 80 <= end),
+    }
+}
+
+fn selector_matches(s: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let by_label = s.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
+    let by_expression = s.match_expressions.iter().flatten().all(|e| {
+        let value = labels.get(&e.key);
+        let values = e.values.as_deref().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => value.is_some_and(|v| values.contains(v)),
+            "NotIn" => value.is_none_or(|v| !values.contains(v)),
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            _ => false,
+        }
+    });
+    by_label && by_expression
+}
+
+/// Whether CIDR `cidr` contains address `ip` (different families never do).
+fn contains(cidr: &str, ip: &str) -> bool {
+    let (Some((net, len)), Ok(ip)) = (cidr.split_once('/'), ip.parse::<IpAddr>()) else { return false };
+    let (Ok(net), Ok(len)) = (net.parse::<IpAddr>(), len.parse::<u32>()) else { return false };
+    match (net, ip) {
+        (IpAddr::V4(n), IpAddr::V4(a)) if len <= 32 => {
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            u32::from(n) & mask == u32::from(a) & mask
+        }
+        (IpAddr::V6(n), IpAddr::V6(a)) if len <= 128 => {
+            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+            u128::from(n) & mask == u128::from(a) & mask
+        }
+        _ => false,
+    }
+}
+
+/// What in `pod` (as the API server stored it, after admission) gives a container a cloud
+/// identity: AWS credential variables, or a mounted service-account token (IRSA's `aws-iam-token`,
+/// Pod Identity's `eks-pod-identity-token`, or the API token). Empty when none does.
+pub fn identity_leaks(pod: &Pod) -> Vec<String> {
+    let Some(spec) = &pod.spec else { return Vec::new() };
+    let token_volumes: Vec<&str> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .filter(|v| {
+            v.projected
+                .as_ref()
+                .is_some_and(|p| p.sources.iter().flatten().any(|s| s.service_account_token.is_some()))
+        })
+        .map(|v| v.name.as_str())
+        .collect();
+    let mut leaks = Vec::new();
+    for c in spec.init_containers.iter().flatten().chain(&spec.containers) {
+        for e in c.env.iter().flatten().filter(|e| AWS_CREDENTIAL_ENV.contains(&e.name.as_str())) {
+            leaks.push(format!("container {} has {}", c.name, e.name));
+        }
+        for m in c.volume_mounts.iter().flatten().filter(|m| token_volumes.contains(&m.name.as_str())) {
+            leaks.push(format!("container {} mounts the token volume {}", c.name, m.name));
+        }
+    }
+    leaks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(yaml: &str) -> NetworkPolicy {
+        serde_saphyr::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn the_chart_policy_blocks_metadata_and_open_ones_do_not() {
+        let labels = BTreeMap::from([
+            ("app.kubernetes.io/managed-by".to_string(), "bob".to_string()),
+            ("app.kubernetes.io/component".to_string(), "build".to_string()),
+        ]);
+        let chart = policy(
+            "metadata: {name: bob-build-pods}
+spec:
+  podSelector: {matchLabels: {app.kubernetes.io/managed-by: bob, app.kubernetes.io/component: build}}
+  policyTypes: [Ingress, Egress]
+  egress:
+  - ports: [{protocol: UDP, port: 53}, {protocol: TCP, port: 53}]
+  - to: [{ipBlock: {cidr: 0.0.0.0/0, except: [169.254.0.0/16, 10.0.0.0/8]}}]
+    ports: [{protocol: TCP, port: 443}, {protocol: TCP, port: 80}]
+",
+        );
+        assert_eq!(metadata_blocked(std::slice::from_ref(&chart), &labels), Ok(()));
+        assert!(metadata_blocked(&[], &labels).unwrap_err().contains("no NetworkPolicy"));
+        let open = policy(
+            "metadata: {name: allow-all}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress: [{}]
+",
+        );
+        let e = metadata_blocked(&[chart.clone(), open], &labels).unwrap_err();
+        assert!(e.contains("allow-all") && e.contains("169.254.169.254"), "{e}");
+        let other_pods = policy(
+            "metadata: {name: web}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Egress]
+  egress: []
+",
+        );
+        assert!(metadata_blocked(&[other_pods], &labels).is_err());
+        assert!(contains("fd00:ec2::/32", "fd00:ec2::254") && !contains("10.0.0.0/8", "fd00:ec2::254"));
+    }
+}
