@@ -44,6 +44,37 @@ fn the_chart_and_kustomize_grant_the_same_rules() {
 }
 
 #[test]
+fn cloud_credentials_add_only_their_own_rules_in_both_installs() {
+    let docs = yaml_docs(&std::fs::read_to_string(root().join("config/rbac/cloud_role.yaml")).unwrap());
+    let role = docs.iter().find(|d| d["kind"] == "ClusterRole").unwrap();
+    let chart = std::fs::read_to_string(root().join("charts/bob/files/rbac-cloud-rules.yaml")).unwrap();
+    let chart: Value = serde_saphyr::from_str(&chart).unwrap();
+    assert_eq!(
+        role["rules"], chart,
+        "charts/bob/files/rbac-cloud-rules.yaml drifted from config/rbac/cloud_role.yaml"
+    );
+    let template = std::fs::read_to_string(root().join("charts/bob/templates/rbac.yaml")).unwrap();
+    let (_, guarded) = template
+        .split_once("{{- if .Values.cloudIdentity.registries }}")
+        .expect("the cloud rules are conditional");
+    assert!(guarded.contains(r#".Files.Get "files/rbac-cloud-rules.yaml""#));
+    // Secrets: what writing, refreshing and sweeping minted credentials takes, no get/watch/update
+    // beyond it; the rest is read-only.
+    let rules = chart.as_array().unwrap();
+    let verbs = |resource: &str| -> Vec<&str> {
+        rules
+            .iter()
+            .filter(|r| r["resources"][0] == resource)
+            .flat_map(|r| r["verbs"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()))
+            .collect()
+    };
+    assert_eq!(verbs("secrets"), ["list", "create", "patch", "delete"]);
+    assert_eq!(verbs("networkpolicies"), ["list"]);
+    assert_eq!(verbs("namespaces"), ["get"]);
+    assert_eq!(rules.len(), 3);
+}
+
+#[test]
 fn kustomize_builds_the_crd_rbac_and_controller() {
     let docs = kustomize("config/default");
     let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
