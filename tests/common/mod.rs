@@ -8,6 +8,7 @@ pub mod fake_api;
 pub mod flags;
 pub mod images;
 pub mod recorder;
+pub mod samples;
 pub mod token;
 
 use std::io::{BufRead, BufReader, Read};
