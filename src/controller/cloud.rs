@@ -42,6 +42,11 @@ pub enum StartError {
     /// The mapping is wrong.
     #[error("--cloud-registries")]
     Mappings(#[source] crate::cloud::mapping::Error),
+    /// The session length is outside what AWS allows for a role assumed from a role session.
+    #[error(
+        "--cloud-session-duration must be between 15m and 1h (AWS caps role chaining at an hour), not {0:?}"
+    )]
+    Session(Duration),
     /// This build of bob has no cloud SDK.
     #[error("--cloud-registries needs a bob built with the `aws` feature")]
     NoSdk,
@@ -55,6 +60,9 @@ impl Broker {
         let mappings = Mappings::parse(mappings).map_err(StartError::Mappings)?;
         if mappings.is_empty() {
             return Ok(None);
+        }
+        if !(Duration::from_secs(900)..=Duration::from_secs(3600)).contains(&session) {
+            return Err(StartError::Session(session));
         }
         #[cfg(feature = "aws")]
         {

@@ -48,8 +48,12 @@ impl Scenario {
     }
 
     pub(super) fn builds(&self) -> Api<DynamicObject> {
+        self.builds_in(&self.ns)
+    }
+
+    fn builds_in(&self, ns: &str) -> Api<DynamicObject> {
         let gvk = GroupVersionKind::gvk("bob.dev", "v1alpha1", "ImageBuild");
-        Api::namespaced_with(self.client.clone(), &self.ns, &ApiResource::from_gvk(&gvk))
+        Api::namespaced_with(self.client.clone(), ns, &ApiResource::from_gvk(&gvk))
     }
 
     /// The ImageBuild as JSON, if it exists.
@@ -66,8 +70,20 @@ impl Scenario {
         timeout: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Value {
+        self.wait_in(&self.ns, name, what, timeout, pred).await
+    }
+
+    /// `wait` for an ImageBuild in namespace `ns`.
+    pub async fn wait_in(
+        &self,
+        ns: &str,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        let mut stream = watcher(self.builds(), cfg).applied_objects().boxed();
+        let mut stream = watcher(self.builds_in(ns), cfg).applied_objects().boxed();
         let last = Arc::new(Mutex::new(Value::Null));
         let seen = last.clone();
         let found = tokio::time::timeout(timeout, async move {
@@ -100,9 +116,21 @@ impl Scenario {
 
     /// Waits for `phase` with `reason`; returns the status.
     pub async fn reaches(&self, name: &str, phase: &str, reason: &str, timeout: Duration) -> Value {
+        self.reaches_in(&self.ns, name, phase, reason, timeout).await
+    }
+
+    /// `reaches` for an ImageBuild in namespace `ns`.
+    pub async fn reaches_in(
+        &self,
+        ns: &str,
+        name: &str,
+        phase: &str,
+        reason: &str,
+        timeout: Duration,
+    ) -> Value {
         let what = format!("{phase} {reason}");
         let v = self
-            .wait(name, &what, timeout, |v| {
+            .wait_in(ns, name, &what, timeout, |v| {
                 v["status"]["reason"] == reason
                     || matches!(v["status"]["phase"].as_str(), Some("Succeeded" | "Failed" | "Cancelled"))
             })

@@ -107,7 +107,14 @@ pub struct Controller {
 impl Controller {
     /// Starts a replica named `identity` that reaches the API server through `kubeconfig`; waits
     /// until it answers /readyz (ready while standing by too).
-    pub fn start(release: &Release, kubeconfig: &Path, identity: &str, dir: &Path) -> Self {
+    /// `env` comes on top of the Deployment's (what a webhook would add, e.g. a cloud identity).
+    pub fn start(
+        release: &Release,
+        kubeconfig: &Path,
+        identity: &str,
+        dir: &Path,
+        env: &[(String, String)],
+    ) -> Self {
         let c = release.container();
         let bob = env!("CARGO_BIN_EXE_bob");
         // The image's ENTRYPOINT is the bob binary; the container gives no command, only args.
@@ -129,6 +136,7 @@ impl Controller {
             cmd.env(name, value);
         }
         cmd.env("HOSTNAME", identity).env("KUBECONFIG", kubeconfig).env("BOB_ADMIN_ADDR", &admin);
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         let log = dir.join(format!("{identity}.log"));
         let mut daemon = Daemon::spawn(&format!("controller {identity}"), cmd, &log);
         let deadline = Instant::now() + Duration::from_secs(30);

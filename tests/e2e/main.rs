@@ -23,6 +23,7 @@ mod kubectl;
 mod rbac;
 mod scenario;
 mod scenarios;
+mod scenarios_cloud;
 mod scenarios_logs;
 mod scenarios_ops;
 
@@ -42,6 +43,7 @@ fn main() -> ExitCode {
     let mut runs: Vec<(&str, Run, bool)> = scenarios::ALL.iter().map(|(n, r)| (*n, *r, false)).collect();
     runs.extend(scenarios_ops::ALL.iter().map(|(n, r)| (*n, *r, false)));
     runs.extend(scenarios_logs::ALL.iter().map(|(n, r)| (*n, *r, false)));
+    runs.extend(scenarios_cloud::ALL.iter().map(|(n, r)| (*n, *r, false)));
     runs.push(("benchmark", bench::run, true));
     let trials: Vec<Trial> = match &target {
         Ok(t) => {

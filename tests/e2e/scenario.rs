@@ -34,8 +34,11 @@ const PASSWORD: &str = "e2e-pass-7f3a";
 pub struct Options {
     /// Controller replicas (the chart turns on leader election above one).
     pub replicas: u32,
-    /// Chart values over charts/bob/ci/e2e-values.yaml.
+    /// Chart values over charts/bob/ci/e2e-values.yaml; `$NS` in a string stands for the build
+    /// namespace (made up when the scenario starts).
     pub values: Value,
+    /// Environment of the controllers besides the Deployment's (a cloud identity in tests).
+    pub controller_env: Vec<(String, String)>,
     /// Labels of the build namespace (Pod Security levels).
     pub labels: Vec<(&'static str, &'static str)>,
     /// Create the registry Secret `reg` in the build namespace.
@@ -57,6 +60,7 @@ impl Default for Options {
         Options {
             replicas: 1,
             values: json!({}),
+            controller_env: Vec::new(),
             labels: Vec::new(),
             secret: true,
             pods: true,
@@ -95,6 +99,8 @@ pub struct Scenario {
     pub controller_kubeconfig: PathBuf,
     /// Every pod seen in the build namespace.
     pub pods: PodLog,
+    /// Environment of the controllers besides the Deployment's.
+    pub controller_env: Vec<(String, String)>,
     /// The counting proxy in front of the API server, for the controllers.
     pub counter: Option<Counter>,
     pub(super) registry_host: String,
@@ -145,7 +151,7 @@ impl Scenario {
         Direct::new(&host, Some(&creds)).push_image(&format!("{prefix}/busybox"), "1", &image).await;
         let from = format!("{host}/{prefix}/busybox:1");
 
-        let mut values = opts.values.clone();
+        let mut values: Value = serde_json::from_str(&opts.values.to_string().replace("$NS", &ns)).unwrap();
         values["replicas"] = json!(opts.replicas);
         if let Target::Cluster { image, registry, .. } = target {
             let (repo, tag) = image.rsplit_once(':').unwrap_or((image, "latest"));
@@ -210,6 +216,7 @@ impl Scenario {
             controllers: Vec::new(),
             controller_kubeconfig,
             pods,
+            controller_env: opts.controller_env.clone(),
             counter,
             registry_host: host,
             dir,
@@ -261,7 +268,13 @@ impl Scenario {
     /// Starts one more controller replica (a new pod of the Deployment).
     pub fn start_controller(&mut self) -> &Controller {
         let identity = format!("bob-controller-e2e-{}", self.controllers.len());
-        let c = Controller::start(&self.release, &self.controller_kubeconfig, &identity, &self.dir);
+        let c = Controller::start(
+            &self.release,
+            &self.controller_kubeconfig,
+            &identity,
+            &self.dir,
+            &self.controller_env,
+        );
         self.controllers.push(c);
         self.controllers.last().unwrap()
     }
