@@ -1,5 +1,6 @@
 //! Test helpers: a real `docker-registry` per test (no auth, htpasswd, or token auth with an
-//! in-process token server), a `bob proxy` process, and small OCI images made without internet.
+//! in-process token server), a `bob proxy` process, small OCI images made without internet, and
+//! moto as STS, IAM and ECR (`moto`).
 //! Every process listens on a free port and is killed when its guard drops, even on panic.
 #![allow(dead_code, unused_imports)]
 
@@ -7,6 +8,7 @@ pub mod build;
 pub mod fake_api;
 pub mod flags;
 pub mod images;
+pub mod moto;
 pub mod recorder;
 pub mod samples;
 pub mod token;
