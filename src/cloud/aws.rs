@@ -64,13 +64,18 @@ pub async fn environment() -> SdkConfig {
     aws_config::defaults(BehaviorVersion::latest()).http_client(http).load().await
 }
 
-fn classify<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
+fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
     call: &'static str,
     entry: &str,
-    e: SdkError<E, R>,
+    e: SdkError<E, aws_sdk_sts::config::http::HttpResponse>,
 ) -> Error {
     tracing::warn!(call, entry, error = %DisplayErrorContext(&e), "an AWS call failed");
-    let code = e.as_service_error().and_then(|s| s.code()).map(str::to_string);
+    // A refusal whose body the SDK cannot read (no error code) is still a refusal by its status.
+    let status = e.raw_response().map(|r| r.status().as_u16());
+    let code =
+        e.as_service_error().and_then(|s| s.code()).map(str::to_string).or_else(|| {
+            status.filter(|s| *s == 401 || *s == 403).map(|s| format!("AccessDenied (HTTP {s})"))
+        });
     match code {
         Some(code)
             if code.contains("AccessDenied")

@@ -166,11 +166,12 @@ impl Scenario {
             Err(_) => json!({}),
         };
         let release = Release::render(&release_ns, &[site, values]);
-        release.install(&kubectl).await;
+        // The build namespace first: the chart may render objects into it (its NetworkPolicy).
         kubectl.ok(&["create", "namespace", &ns], None).await;
         for (k, v) in &opts.labels {
             kubectl.ok(&["label", "namespace", &ns, &format!("{k}={v}")], None).await;
         }
+        release.install(&kubectl).await;
 
         let config = kube::config::Kubeconfig::read_from(&api.kubeconfig).unwrap();
         let config = kube::Config::from_custom_kubeconfig(config, &Default::default()).await.unwrap();

@@ -49,7 +49,7 @@ async fn ecr_builds_with_a_minted_credential_and_every_refusal_has_its_reason(t:
             {"name": "denied", "trust": "account", "resources": "*", "actions": statement(&["ecr:DescribeRepositories"])},
         ],
     }));
-    let password = moto.ecr_password(ACCOUNT);
+    let password = Moto::ecr_password(ACCOUNT);
     let ecr = Registry::start(RegistryAuth::Basic { user: "AWS", password: &password });
     let creds = docker_config(&ecr.host, "AWS", &password);
     let image = busybox_image();
@@ -175,6 +175,22 @@ async fn ecr_builds_with_a_minted_credential_and_every_refusal_has_its_reason(t:
         // Nothing starts there.
         let pods: Api<Pod> = Api::namespaced(s.client.clone(), &ns);
         assert!(pods.list(&ListParams::default()).await.unwrap().items.is_empty(), "{ns}: a pod started");
+    }
+
+    // No credential in the controller's log, in an Event or in a status.
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("AWS:{password}"));
+    let events = s.kubectl.ok(&["get", "events", "-A", "-o", "json"], None).await;
+    let statuses = s.kubectl.ok(&["get", "imagebuilds", "-A", "-o", "json"], None).await;
+    let logs: Vec<String> =
+        s.controllers.iter().map(|c| std::fs::read_to_string(&c.daemon.log).unwrap()).collect();
+    assert!(
+        logs.iter().any(|l| l.contains("refreshed a minted registry credential")),
+        "the refresh is logged"
+    );
+    for (what, text) in
+        [("events", &events), ("statuses", &statuses)].into_iter().chain(logs.iter().map(|l| ("log", l)))
+    {
+        assert!(!text.contains(&password) && !text.contains(&token), "a credential in the {what}");
     }
     s
 }
