@@ -63,6 +63,10 @@ impl<'a> Cluster<'a> {
         }
         let cache = cache_scope::plan(ib, &self.ctx.settings.plan.layer_cache).ok().flatten();
         let needs = mapping::needs(ib, from_images, cache.as_ref().map(|c| c.repository.as_str()));
+        if !needs.iter().any(|n| crate::cloud::ecr::is_ecr(&n.host)) {
+            // Nothing the cloud identity could mint for: no Namespace or NetworkPolicy reads.
+            return Ok(Ok(None));
+        }
         let ns = self.ns.clone();
         let labels = if broker.uses_selectors() {
             super::cloud::namespace_labels(&self.ctx.client, &ns)
