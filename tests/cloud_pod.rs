@@ -1,6 +1,6 @@
 //! The build pod and cloud identities (pure, no cluster): every container is named in the EKS
 //! webhooks' skip annotation; a pod that a webhook mutated anyway (as the IRSA and Pod Identity
-//! webhooks mutate pods) is caught, whatever the container; a minted credential is mounted by the
+//! webhooks mutate pods) is caught, whatever the container, and a service mesh's token is not; a minted credential is mounted by the
 //! proxy alone, as a whole Secret volume the kubelet refreshes; and a decision that meets such a
 //! pod fails the ImageBuild with a message saying what to change.
 
@@ -107,19 +107,24 @@ fn a_pod_a_webhook_gave_an_identity_is_caught_in_every_container() {
         let leaks = identity_leaks(&pod_identity_webhook(&p.pod, "build"));
         assert_eq!(leaks, ["container build has AWS_CONTAINER_CREDENTIALS_FULL_URI"], "{file}");
     }
-    // The API token counts too: a pod whose ServiceAccount token is mounted after all.
+    // A token counts by its audience: AWS's (in any volume) is an identity, a mesh's is not.
     let (_, p) = planned("inline-dockerfile.yaml");
-    let mut v = serde_json::to_value(&p.pod).unwrap();
-    v["spec"]["volumes"]
-        .as_array_mut()
-        .unwrap()
-        .push(json!({"name": "kube-api-access-x", "projected": {"sources": [
-        {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}}]}}));
-    v["spec"]["containers"][0]["volumeMounts"].as_array_mut().unwrap().push(
-        json!({"name": "kube-api-access-x", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}),
+    let with_token = |volume: &str, audience: &str| {
+        let mut v = serde_json::to_value(&p.pod).unwrap();
+        v["spec"]["volumes"].as_array_mut().unwrap().push(json!({"name": volume, "projected": {"sources": [
+            {"serviceAccountToken": {"audience": audience, "expirationSeconds": 3607, "path": "token"}}]}}));
+        v["spec"]["containers"][0]["volumeMounts"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"name": volume, "mountPath": "/var/run/secrets/tokens"}));
+        identity_leaks(&serde_json::from_value(v).unwrap())
+    };
+    assert_eq!(with_token("custom", "sts.amazonaws.com"), ["container build mounts the token volume custom"]);
+    assert_eq!(
+        with_token("agent", "pods.eks.amazonaws.com"),
+        ["container build mounts the token volume agent"]
     );
-    let leaks = identity_leaks(&serde_json::from_value(v).unwrap());
-    assert_eq!(leaks, ["container build mounts the token volume kube-api-access-x"]);
+    assert!(with_token("istio-token", "istio-ca").is_empty(), "a service mesh's token is no cloud identity");
 }
 
 #[test]

@@ -58,10 +58,26 @@ pub enum Error {
 /// The environment's AWS configuration (credentials chain, region, `AWS_ENDPOINT_URL`), spoken
 /// over hyper with rustls on ring (the SDK's default client would bring aws-lc).
 pub async fn environment() -> SdkConfig {
+    let loaded = loader().load().await;
+    if loaded.region().is_some() {
+        return loaded;
+    }
+    // No region in the environment (Pod Identity sets none): the controller's own STS calls go
+    // to us-east-1's regional endpoint; each build's calls use its registry's region anyway.
+    loader().region(Region::new("us-east-1")).load().await
+}
+
+fn loader() -> aws_config::ConfigLoader {
     use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
     let http =
         aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring)).build_https();
-    aws_config::defaults(BehaviorVersion::latest()).http_client(http).load().await
+    // A stalled AWS answer must not hold a reconcile (or the refresher) for long.
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .operation_attempt_timeout(Duration::from_secs(10))
+        .operation_timeout(Duration::from_secs(30))
+        .build();
+    aws_config::defaults(BehaviorVersion::latest()).http_client(http).timeout_config(timeouts)
 }
 
 fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
@@ -86,9 +102,28 @@ fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
         {
             Error::Denied { call, entry: entry.to_string(), code }
         }
+        Some(code)
+            if code.contains("PackedPolicyTooLarge")
+                || code.contains("MalformedPolicyDocument")
+                || code.contains("ValidationError") =>
+        {
+            // Waiting changes nothing: the build touches more repositories than a session
+            // policy can name, or the entry's role is not one AWS accepts.
+            Error::Denied { call, entry: entry.to_string(), code }
+        }
         Some(code) => Error::Failed { call, entry: entry.to_string(), message: code },
         None => Error::Failed { call, entry: entry.to_string(), message: "no answer from AWS".into() },
     }
+}
+
+/// The role session's name, as CloudTrail shows it: the namespace (cut to fit AWS's 64
+/// characters) and a short hash of the grants, so builds of long namespaces stay apart.
+fn session_name(ns: &str, g: &Grant) -> String {
+    use sha2::{Digest, Sha256};
+    let sum = Sha256::digest(serde_json::to_string(g).unwrap_or_default().as_bytes());
+    let hash: String = sum.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    let ns: String = ns.chars().take(50).collect();
+    format!("bob-{ns}-{hash}")
 }
 
 fn timestamp(t: SystemTime) -> Timestamp {
@@ -128,10 +163,12 @@ impl Minter {
         for g in grants {
             let Some(registry) = ecr::parse(&g.host) else { continue };
             let region = Region::new(registry.region().to_string());
+            let fips = matches!(registry, Registry::Private { fips: true, .. })
+                || self.base.use_fips().unwrap_or(false);
             let sts = aws_sdk_sts::Client::from_conf(
-                aws_sdk_sts::config::Builder::from(&self.base).region(region.clone()).build(),
+                aws_sdk_sts::config::Builder::from(&self.base).region(region.clone()).use_fips(fips).build(),
             );
-            let session_name: String = format!("bob-{ns}").chars().take(64).collect();
+            let session_name = session_name(ns, g);
             let out = sts
                 .assume_role()
                 .role_arn(&g.role_arn)
@@ -162,7 +199,7 @@ impl Minter {
                     let conf = aws_sdk_ecr::config::Builder::from(&self.base)
                         .region(region)
                         .credentials_provider(creds)
-                        .use_fips(*fips)
+                        .use_fips(*fips || self.base.use_fips().unwrap_or(false))
                         .build();
                     let ecr = aws_sdk_ecr::Client::from_conf(conf);
                     for (host, repository) in must_exist.iter().filter(|(h, _)| h == &g.host) {

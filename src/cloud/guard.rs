@@ -19,15 +19,25 @@ pub const METADATA_ENDPOINTS: [&str; 4] =
 pub const SKIP_CONTAINERS: &str = "eks.amazonaws.com/skip-containers";
 
 /// Environment variables through which AWS SDKs find credentials.
-pub const AWS_CREDENTIAL_ENV: [&str; 7] = [
+pub const AWS_CREDENTIAL_ENV: [&str; 10] = [
     "AWS_ROLE_ARN",
     "AWS_WEB_IDENTITY_TOKEN_FILE",
     "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
     "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_PROFILE",
 ];
+
+/// Audiences of ServiceAccount tokens that AWS exchanges for credentials: IRSA's and Pod
+/// Identity's. Tokens for other audiences (a service mesh's, Vault's) are not a cloud identity.
+pub const AWS_TOKEN_AUDIENCES: [&str; 2] = ["sts.amazonaws.com", "pods.eks.amazonaws.com"];
+
+/// The volumes the EKS webhooks add for their tokens.
+pub const AWS_TOKEN_VOLUMES: [&str; 2] = ["aws-iam-token", "eks-pod-identity-token"];
 
 /// `Ok` when the NetworkPolicies of a namespace keep pods with `labels` from reaching every
 /// metadata endpoint on port 80; else why not. NetworkPolicies add up: once one selects a pod for
@@ -116,9 +126,10 @@ fn contains(cidr: &str, ip: &str) -> bool {
     }
 }
 
-/// What in `pod` (as the API server stored it, after admission) gives a container a cloud
-/// identity: AWS credential variables, or a mounted service-account token (IRSA's `aws-iam-token`,
-/// Pod Identity's `eks-pod-identity-token`, or the API token). Empty when none does.
+/// What in `pod` (as the API server stored it, after admission) gives a container an AWS
+/// identity: AWS credential variables, or a mounted ServiceAccount token for AWS (IRSA's
+/// `aws-iam-token`, Pod Identity's `eks-pod-identity-token`, or any token with their audience).
+/// Empty when none does. Tokens for other audiences (Istio's, Linkerd's) are left alone.
 pub fn identity_leaks(pod: &Pod) -> Vec<String> {
     let Some(spec) = &pod.spec else { return Vec::new() };
     let token_volumes: Vec<&str> = spec
@@ -126,9 +137,14 @@ pub fn identity_leaks(pod: &Pod) -> Vec<String> {
         .iter()
         .flatten()
         .filter(|v| {
-            v.projected
-                .as_ref()
-                .is_some_and(|p| p.sources.iter().flatten().any(|s| s.service_account_token.is_some()))
+            AWS_TOKEN_VOLUMES.contains(&v.name.as_str())
+                || v.projected.as_ref().is_some_and(|p| {
+                    p.sources.iter().flatten().any(|s| {
+                        s.service_account_token.as_ref().is_some_and(|t| {
+                            t.audience.as_deref().is_some_and(|a| AWS_TOKEN_AUDIENCES.contains(&a))
+                        })
+                    })
+                })
         })
         .map(|v| v.name.as_str())
         .collect();

@@ -104,6 +104,15 @@ impl Mappings {
             if e.namespaces.is_empty() && e.namespace_selector.is_none() {
                 return Err(bad("names no namespace (namespaces or namespaceSelector)"));
             }
+            if e.namespace_selector.as_ref().is_some_and(|s| s.match_labels.is_empty()) {
+                // An empty selector selects every namespace, also those made later.
+                return Err(bad("namespaceSelector selects every namespace: give it matchLabels"));
+            }
+            if e.pull.iter().chain(&e.push).any(|p| p != "*" && !is_prefix(p)) {
+                return Err(bad(
+                    "a prefix is not a repository path (lowercase components, {namespace}, or \"*\" alone)",
+                ));
+            }
             if !ecr::is_ecr(&e.registry) {
                 return Err(bad(
                     "registry is not an ECR host (<account>.dkr.ecr.<region>.amazonaws.com, public.ecr.aws)",
@@ -141,6 +150,9 @@ impl Mappings {
     ) -> Result<Vec<Grant>, String> {
         let mut by_host: BTreeMap<&str, Vec<&RepoAccess>> = BTreeMap::new();
         for n in needs.iter().filter(|n| ecr::is_ecr(&n.host)) {
+            if !is_repository(&n.repository) {
+                return Err(format!("{}/{} is not a repository name", n.host, n.repository));
+            }
             by_host.entry(n.host.as_str()).or_default().push(n);
         }
         let mut grants = Vec::new();
@@ -186,6 +198,24 @@ impl Mappings {
     }
 }
 
+/// A repository name as distribution has it: lowercase components joined by `/`, each starting
+/// and ending with a letter or digit, with `.`, `_`, `-` inside (so no `*`, `..` or upper case).
+fn is_repository(name: &str) -> bool {
+    let alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    name.split('/').all(|c| {
+        let b = c.as_bytes();
+        b.first().is_some_and(alnum)
+            && b.last().is_some_and(alnum)
+            && b.iter().all(|x| alnum(x) || b"._-".contains(x))
+            && !c.contains("..")
+    })
+}
+
+/// A mapping prefix: a repository path, where `{namespace}` may stand for a component.
+fn is_prefix(prefix: &str) -> bool {
+    is_repository(&prefix.trim_matches('/').replace("{namespace}", "ns"))
+}
+
 fn selects(e: &Entry, ns: &str, labels: &BTreeMap<String, String>) -> bool {
     e.namespaces.iter().any(|n| n == ns)
         || e.namespace_selector
@@ -217,7 +247,8 @@ pub fn needs(ib: &ImageBuild, from_images: &[String], cache_repository: Option<&
     let mut add = |value: &str, push: bool| {
         if let Ok(r) = reference::parse(value) {
             out.push(RepoAccess {
-                host: r.registry().to_string(),
+                // One spelling per registry: host names are case-insensitive.
+                host: r.registry().to_ascii_lowercase(),
                 repository: r.repository().to_string(),
                 push,
             });
@@ -279,6 +310,10 @@ mod tests {
         // pull prefixes do not allow a push; `base` does not cover `baseline`
         assert!(m.grant("team-a", &none, &[need("base/x", true)]).is_err());
         assert!(m.grant("team-a", &none, &[need("baseline", false)]).is_err());
+        // Names outside distribution's grammar never reach a policy (a `*` would be a wildcard).
+        for bad in ["*", "ws/team-a/*", "ws/team-a/../team-b", "ws/team-a/App"] {
+            assert!(m.grant("team-a", &none, &[need(bad, true)]).is_err(), "{bad}");
+        }
         // by label
         let labels = BTreeMap::from([("bob.dev/ecr".to_string(), "on".to_string())]);
         let g = m.grant("team-c", &labels, &[need("ws/team-c/x", true)]).unwrap();
@@ -295,6 +330,8 @@ mod tests {
             r#"[{"name": "x", "namespaces": ["a"], "registry": "ghcr.io", "roleArn": "arn:aws:iam::123456789012:role/r"}]"#,
             r#"[{"name": "x", "namespaces": ["a"], "registry": "123456789012.dkr.ecr.us-east-1.amazonaws.com", "roleArn": "r"}]"#,
             r#"[{"name": "x", "namespaces": ["a"], "registry": "123456789012.dkr.ecr.us-east-1.amazonaws.com", "roleArn": "arn:aws:iam::123456789012:role/r", "extra": 1}]"#,
+            r#"[{"name": "x", "namespaceSelector": {"matchLabels": {}}, "registry": "123456789012.dkr.ecr.us-east-1.amazonaws.com", "roleArn": "arn:aws:iam::123456789012:role/r"}]"#,
+            r#"[{"name": "x", "namespaces": ["a"], "push": ["Team-*"], "registry": "123456789012.dkr.ecr.us-east-1.amazonaws.com", "roleArn": "arn:aws:iam::123456789012:role/r"}]"#,
         ] {
             assert!(Mappings::parse(bad).is_err(), "{bad}");
         }

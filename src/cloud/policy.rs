@@ -8,13 +8,22 @@ use serde_json::{Value, json};
 use super::ecr::{self, Registry};
 use super::mapping::Grant;
 
-/// What pulling takes on a private repository.
-pub const PULL: [&str; 3] =
-    ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"];
+/// What pulling takes on a private repository (`BatchImportUpstreamImage` and `CreateRepository`:
+/// the first pull through an ECR pull-through cache rule creates the repository and imports).
+pub const PULL: [&str; 5] = [
+    "ecr:BatchGetImage",
+    "ecr:GetDownloadUrlForLayer",
+    "ecr:BatchCheckLayerAvailability",
+    "ecr:BatchImportUpstreamImage",
+    "ecr:CreateRepository",
+];
 
-/// What pushing takes on a private repository, besides pulling (`DescribeRepositories`: the
+/// What pushing takes on a private repository, pulling included (`DescribeRepositories`: the
 /// controller checks a repository exists before a build that pushes to it starts).
-pub const PUSH: [&str; 5] = [
+pub const PUSH: [&str; 8] = [
+    "ecr:BatchGetImage",
+    "ecr:GetDownloadUrlForLayer",
+    "ecr:BatchCheckLayerAvailability",
     "ecr:PutImage",
     "ecr:InitiateLayerUpload",
     "ecr:UploadLayerPart",
@@ -36,11 +45,13 @@ pub const PUBLIC_PUSH: [&str; 6] = [
 pub fn session_policy(grant: &Grant) -> String {
     let registry = ecr::parse(&grant.host);
     let account = ecr::role_account(&grant.role_arn).unwrap_or("*");
-    let arns = |push_only: bool| -> Vec<String> {
+    // Each repository once, in the statement of its access (AWS limits a session policy's packed
+    // size, about 2 KiB: listing pushed repositories in the pull statement too would halve it).
+    let arns = |push: bool| -> Vec<String> {
         let mut v: Vec<String> = grant
             .repositories
             .iter()
-            .filter(|r| r.push || !push_only)
+            .filter(|r| r.push == push)
             .map(|r| {
                 registry.as_ref().map_or_else(String::new, |reg| reg.repository_arn(&r.repository, account))
             })
@@ -62,7 +73,10 @@ pub fn session_policy(grant: &Grant) -> String {
         _ => {
             statements
                 .push(json!({"Effect": "Allow", "Action": "ecr:GetAuthorizationToken", "Resource": "*"}));
-            statements.push(statement(&PULL, arns(false)));
+            let pull = arns(false);
+            if !pull.is_empty() {
+                statements.push(statement(&PULL, pull));
+            }
             let push = arns(true);
             if !push.is_empty() {
                 statements.push(statement(&PUSH, push));
@@ -90,15 +104,24 @@ mod tests {
         let p: Value = serde_json::from_str(&session_policy(&g)).unwrap();
         let s = p["Statement"].as_array().unwrap();
         assert_eq!(s[0]["Action"], "ecr:GetAuthorizationToken");
-        assert_eq!(
-            s[1]["Resource"],
-            json!([
-                "arn:aws:ecr:us-east-1:123456789012:repository/base/ubuntu",
-                "arn:aws:ecr:us-east-1:123456789012:repository/ws/app"
-            ])
-        );
+        assert_eq!(s[1]["Resource"], json!(["arn:aws:ecr:us-east-1:123456789012:repository/base/ubuntu"]));
+        assert!(s[1]["Action"].as_array().unwrap().iter().all(|a| a != "ecr:PutImage"), "pull only");
         assert_eq!(s[2]["Resource"], json!(["arn:aws:ecr:us-east-1:123456789012:repository/ws/app"]));
-        assert!(s[2]["Action"].as_array().unwrap().iter().any(|a| a == "ecr:CompleteLayerUpload"));
+        let push = s[2]["Action"].as_array().unwrap();
+        assert!(
+            push.iter().any(|a| a == "ecr:CompleteLayerUpload")
+                && push.iter().any(|a| a == "ecr:BatchGetImage")
+        );
+        assert_eq!(s.len(), 3);
+        // Twenty repositories of realistic length: each ARN once.
+        let many = Grant {
+            repositories: (0..20)
+                .map(|i| repo(&format!("workspaces/team-platform-{i}/some-service-name"), i % 2 == 0))
+                .collect(),
+            ..g.clone()
+        };
+        let text = session_policy(&many);
+        assert_eq!(text.matches("repository/workspaces/team-platform-7/").count(), 1, "{text}");
         let public = Grant {
             host: "public.ecr.aws".into(),
             repositories: vec![RepoAccess {

@@ -20,11 +20,15 @@ use crate::cloud::mapping::{Grant, Mappings, RepoAccess};
 use crate::cloud::secret::{self, Minted};
 use crate::reason::Reason;
 
-/// The build pods' labels the NetworkPolicy guard checks (the chart's policy selects these).
-fn build_pod_labels() -> BTreeMap<String, String> {
+/// The labels of ImageBuild `name`'s build pods that are known before it is planned (all but
+/// the key's): what the NetworkPolicy guard matches policies against.
+fn build_pod_labels(name: &str) -> BTreeMap<String, String> {
+    use super::pod::{LABEL_COMPONENT, LABEL_IMAGEBUILD, LABEL_MANAGED_BY, imagebuild_label};
     BTreeMap::from([
-        (super::pod::LABEL_MANAGED_BY.to_string(), "bob".to_string()),
-        (super::pod::LABEL_COMPONENT.to_string(), "build".to_string()),
+        ("app.kubernetes.io/name".to_string(), "bob".to_string()),
+        (LABEL_MANAGED_BY.to_string(), "bob".to_string()),
+        (LABEL_COMPONENT.to_string(), "build".to_string()),
+        (LABEL_IMAGEBUILD.to_string(), imagebuild_label(name)),
     ])
 }
 
@@ -143,10 +147,14 @@ pub async fn namespace_labels(client: &Client, ns: &str) -> Result<BTreeMap<Stri
 
 /// `Ok` when the NetworkPolicies of `ns` keep build pods from the metadata endpoints; else the
 /// `NetworkPolicyMissing` failure (cloud-minted credentials are refused while they are open).
-pub async fn metadata_guard(client: &Client, ns: &str) -> Result<Result<(), Failure>, kube::Error> {
+pub async fn metadata_guard(
+    client: &Client,
+    ns: &str,
+    image_build: &str,
+) -> Result<Result<(), Failure>, kube::Error> {
     let api: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
     let policies = api.list(&ListParams::default()).await?.items;
-    Ok(guard::metadata_blocked(&policies, &build_pod_labels()).map_err(|why| {
+    Ok(guard::metadata_blocked(&policies, &build_pod_labels(image_build)).map_err(|why| {
         let message = format!(
             "registry credentials from the controller's cloud identity are refused in namespace {ns}: \
              {why}; build pods could reach the metadata endpoints (enable the chart's networkPolicy \
@@ -156,8 +164,16 @@ pub async fn metadata_guard(client: &Client, ns: &str) -> Result<Result<(), Fail
     }))
 }
 
-/// Writes the minted credential Secret of `pod` (owned by it, so it goes with it) unless it
-/// exists; the refresher keeps an existing one fresh.
+/// Whether `s` is the minted credential of `pod` (bob's labels, owned by this very pod).
+fn belongs_to(s: &Secret, pod: &Pod) -> bool {
+    let labelled = s.labels().get(secret::LABEL_CREDENTIAL).map(String::as_str) == Some("registry");
+    labelled
+        && s.owner_references().iter().any(|o| o.kind == "Pod" && Some(&o.uid) == pod.metadata.uid.as_ref())
+}
+
+/// Writes the minted credential Secret of `pod` (owned by it, so it goes with it). One of that
+/// name that is not this pod's (left from an earlier pod of the name, or made by someone else)
+/// is replaced; this pod's own is kept (the refresher keeps it fresh).
 pub async fn ensure_secret(
     client: &Client,
     ns: &str,
@@ -171,13 +187,27 @@ pub async fn ensure_secret(
     let params = PostParams { field_manager: Some(super::FIELD_MANAGER.into()), ..Default::default() };
     match api.create(&params, &s).await {
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let secret_name = secret::name(&name);
+            match api.get_opt(&secret_name).await? {
+                Some(existing) if belongs_to(&existing, pod) => Ok(()),
+                _ => {
+                    tracing::warn!(namespace = %ns, secret = %secret_name, "replacing a Secret that is not this build pod's credential");
+                    match api.delete(&secret_name, &DeleteParams::default()).await {
+                        Ok(_) => {}
+                        Err(kube::Error::Api(e)) if e.code == 404 => {}
+                        Err(e) => return Err(e),
+                    }
+                    api.create(&params, &s).await.map(|_| ())
+                }
+            }
+        }
         Err(e) => Err(e),
     }
 }
 
-/// Keeps minted credential Secrets fresh while their pods run, and deletes those whose pod has
-/// finished or is gone (after a controller restart too), every `every`. Run by the leader.
+/// Keeps the minted credentials of running build pods fresh and deletes those of finished pods
+/// (after a controller restart too), every `every`. Run by the leader.
 pub async fn refresh(
     client: Client,
     broker: std::sync::Arc<Broker>,
@@ -188,68 +218,70 @@ pub async fn refresh(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Err(e) = refresh_once(&client, &broker, namespace.as_deref()).await {
-            tracing::warn!(error = %e, "cannot list the minted registry credentials");
+        let pods: Api<Pod> = match &namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        // The build pods, not the Secrets: the controller may not list Secrets (RBAC), and a
+        // Secret that merely carries bob's labels decides nothing.
+        let pods = match pods.list(&ListParams::default().labels(super::pod::BUILD_POD_SELECTOR)).await {
+            Ok(l) => l.items,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the build pods to refresh their credentials");
+                continue;
+            }
+        };
+        for pod in &pods {
+            if let Err(e) = refresh_pod(&client, &broker, pod).await {
+                tracing::warn!(pod = %pod.name_any(), error = %e, "cannot refresh a minted registry credential");
+            }
         }
     }
 }
 
-async fn refresh_once(client: &Client, broker: &Broker, namespace: Option<&str>) -> Result<(), kube::Error> {
-    let secrets: Api<Secret> = match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
+async fn refresh_pod(client: &Client, broker: &Broker, pod: &Pod) -> Result<(), kube::Error> {
+    let ns = pod.namespace().unwrap_or_default();
+    let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let name = secret::name(&pod.name_any());
+    let Some(s) = api.get_opt(&name).await? else { return Ok(()) };
+    if !belongs_to(&s, pod) {
+        return Ok(());
+    }
+    let finished =
+        matches!(pod.status.as_ref().and_then(|st| st.phase.as_deref()), Some("Succeeded" | "Failed"));
+    if finished {
+        // The build is over: its credential has nothing left to do.
+        api.delete(&name, &DeleteParams::default()).await?;
+        tracing::info!(namespace = %ns, secret = %name, "deleted the minted registry credential of a finished build");
+        return Ok(());
+    }
+    if secret::refresh_at(&s).is_some_and(|at| at > Timestamp::now()) {
+        return Ok(());
+    }
+    // What the Secret says it was minted for is only a request: the operator's mapping decides
+    // again, for this namespace, now (a changed mapping revokes what it no longer allows).
+    let wanted: Vec<RepoAccess> =
+        secret::grants(&s).unwrap_or_default().into_iter().flat_map(|g| g.repositories).collect();
+    let labels = if broker.uses_selectors() { namespace_labels(client, &ns).await? } else { BTreeMap::new() };
+    let grants = match broker.grants(&ns, &labels, &wanted) {
+        Ok(g) if !g.is_empty() => g,
+        Ok(_) | Err(_) => {
+            api.delete(&name, &DeleteParams::default()).await?;
+            tracing::warn!(namespace = %ns, secret = %name, "deleted a minted registry credential the mapping no longer allows");
+            return Ok(());
+        }
     };
-    let now = Timestamp::now();
-    for s in secrets.list(&ListParams::default().labels(secret::SELECTOR)).await?.items {
-        let (ns, name) = (s.namespace().unwrap_or_default(), s.name_any());
-        let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
-        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-        let owner =
-            s.owner_references().iter().find(|o| o.kind == "Pod").map(|o| (o.name.clone(), o.uid.clone()));
-        let pod = match &owner {
-            Some((pod, _)) => pods.get_opt(pod).await?,
-            None => None,
-        };
-        let running = pod.as_ref().is_some_and(|p| {
-            owner.as_ref().is_some_and(|(_, uid)| p.uid().as_deref() == Some(uid.as_str()))
-                && !matches!(
-                    p.status.as_ref().and_then(|st| st.phase.as_deref()),
-                    Some("Succeeded" | "Failed")
-                )
-        });
-        if !running {
-            // Its pod finished or is gone: the credential has nothing left to do.
-            match api.delete(&name, &DeleteParams::default()).await {
-                Ok(_) => {
-                    tracing::info!(namespace = %ns, secret = %name, "deleted a minted registry credential")
-                }
-                Err(e) => {
-                    tracing::debug!(namespace = %ns, secret = %name, error = %e, "cannot delete a credential")
-                }
-            }
-            continue;
+    match broker.mint(&ns, &grants, &[]).await {
+        Ok(minted) => {
+            let body = secret::secret(&ns, &pod.name_any(), &pod.uid().unwrap_or_default(), &grants, &minted);
+            // A merge patch, not an apply: a Secret deleted meanwhile (with its pod) stays deleted.
+            let params =
+                PatchParams { field_manager: Some(super::FIELD_MANAGER.into()), ..Default::default() };
+            api.patch(&name, &params, &Patch::Merge(&body)).await?;
+            tracing::info!(namespace = %ns, secret = %name, expires_at = %minted.expires_at, "refreshed a minted registry credential");
         }
-        if secret::refresh_at(&s).is_some_and(|at| at > now) {
-            continue;
-        }
-        let Some(grants) = secret::grants(&s) else { continue };
-        match broker.mint(&ns, &grants, &[]).await {
-            Ok(minted) => {
-                let Some((pod, uid)) = owner else { continue };
-                let body = secret::secret(&ns, &pod, &uid, &grants, &minted);
-                let params = PatchParams::apply(super::FIELD_MANAGER).force();
-                match api.patch(&name, &params, &Patch::Apply(&body)).await {
-                    Ok(_) => {
-                        tracing::info!(namespace = %ns, secret = %name, expires_at = %minted.expires_at, "refreshed a minted registry credential")
-                    }
-                    Err(e) => {
-                        tracing::warn!(namespace = %ns, secret = %name, error = %e, "cannot refresh a credential")
-                    }
-                }
-            }
-            Err(f) => {
-                tracing::warn!(namespace = %ns, secret = %name, reason = %f.reason, "cannot mint a credential again: {}", f.message)
-            }
+        Err(f) => {
+            tracing::warn!(namespace = %ns, secret = %name, reason = %f.reason, "cannot mint a credential again: {}", f.message)
         }
     }
     Ok(())

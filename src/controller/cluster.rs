@@ -80,7 +80,7 @@ impl<'a> Cluster<'a> {
             Ok(g) => g,
             Err(f) => return Ok(Err(f)),
         };
-        let guard = super::cloud::metadata_guard(&self.ctx.client, &ns)
+        let guard = super::cloud::metadata_guard(&self.ctx.client, &ns, &ib.name_any())
             .await
             .map_err(|e| api_failure("list the NetworkPolicies", &e))?;
         if let Err(f) = guard {
@@ -210,7 +210,8 @@ impl<'a> Cluster<'a> {
     ) -> Result<Resolved, Failure> {
         let mut resolved = resolve::fetch(ib, self.git.as_ref(), scratch).await?;
         let mut client = client;
-        if self.minted.is_some() {
+        // The images the Dockerfile reads may be the build's only ECR repositories.
+        if self.ctx.cloud.is_some() && ib.spec.registry_auth.is_none() {
             let images = resolve::images(ib, &resolved)?;
             match self.cloud_client(ib, &images).await {
                 Ok(Ok(Some(c))) => client = c,
@@ -335,6 +336,10 @@ impl World for Cluster<'_> {
                     return;
                 };
                 seen.resolved = Some(self.resolve(ib, client, scratch.path()).await);
+                if self.minted.is_some() {
+                    // Minting may first have been needed for the images the Dockerfile reads.
+                    seen.credentials = Some(Ok(Access::Minted));
+                }
             }
             Need::Cache(r) => {
                 if let Some(found) = self.lookup(ib, &r, seen).await {

@@ -45,6 +45,9 @@ use crate::duration;
 use crate::oci::CredentialStore;
 use crate::oci::client::Client;
 
+/// Registry clients kept between reconciles (one per Secret version or minted credential).
+const MAX_REGISTRY_CLIENTS: usize = 512;
+
 /// The field manager of everything the controller writes.
 pub const FIELD_MANAGER: &str = "bob-controller";
 
@@ -241,9 +244,13 @@ impl Context {
             decide::Failure::new(crate::reason::Reason::Internal, crate::oci::error::chain(&e))
         })?;
         let client = Arc::new(client);
-        // A Secret's new resourceVersion replaces its old entry.
+        // A Secret's new resourceVersion (a credential's new mint) replaces its old entry.
         let prefix = key.split('@').next().unwrap_or_default().to_string();
         cache.retain(|k, _| k.split('@').next() != Some(prefix.as_str()) || prefix.is_empty());
+        if cache.len() >= MAX_REGISTRY_CLIENTS {
+            // Minted credentials make a key per set of grants: start over rather than grow.
+            cache.clear();
+        }
         cache.insert(key.to_string(), client.clone());
         Ok(client)
     }

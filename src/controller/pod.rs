@@ -121,6 +121,12 @@ pub fn use_minted_credential(pod: &mut Pod) {
     envs.push(env("BOB_AUTH_FILE", format!("{REGISTRY_AUTH_DIR}/config.json")));
 }
 
+/// The value of [`LABEL_IMAGEBUILD`] for ImageBuild `name` (a label value has 63 characters at
+/// most and ends with a letter or digit).
+pub fn imagebuild_label(name: &str) -> String {
+    name.chars().take(63).collect::<String>().trim_end_matches(['-', '.', '_']).to_string()
+}
+
 /// Builds the desired pod for an ImageBuild.
 pub fn build_pod(ib: &ImageBuild, p: &PodInputs<'_>) -> Result<Pod, Invalid> {
     let name = ib.metadata.name.clone().unwrap_or_default();
@@ -293,10 +299,7 @@ pub fn build_pod(ib: &ImageBuild, p: &PodInputs<'_>) -> Result<Pod, Invalid> {
         ("app.kubernetes.io/name".to_string(), "bob".to_string()),
         (LABEL_COMPONENT.to_string(), "build".to_string()),
         (LABEL_MANAGED_BY.to_string(), "bob".to_string()),
-        (
-            LABEL_IMAGEBUILD.to_string(),
-            name.chars().take(63).collect::<String>().trim_end_matches(['-', '.', '_']).to_string(),
-        ),
+        (LABEL_IMAGEBUILD.to_string(), imagebuild_label(&name)),
         (LABEL_KEY.to_string(), label_key),
     ]);
     Ok(Pod {

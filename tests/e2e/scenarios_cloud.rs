@@ -1,9 +1,12 @@
 //! ECR through the controller's cloud identity: moto plays IRSA's web identity, STS, IAM (with
 //! enforcement on) and ECR; a real `docker-registry` serves the ECR host name (through the
 //! `test-hooks` hook) and accepts only the token moto mints. A mapped namespace builds with no
-//! Secret; the pod's own Secret holds only the scoped registry credential, only the proxy mounts
-//! it, it is minted again when due and gone with the pod; an unmapped namespace, a refused role, a
-//! missing repository and a namespace without a NetworkPolicy each get their reason.
+//! Secret; the pod's own Secret holds only that registry's credential and names exactly the
+//! build's repositories (the session policy itself is unit-tested: moto ignores session
+//! policies), only the proxy mounts it, it is minted again when due and gone when the build ends;
+//! an unmapped namespace, a refused role, a missing repository and a namespace without a
+//! NetworkPolicy each get their reason; a Secret forged in an unmapped namespace to look like
+//! bob's gets no credential and is deleted.
 
 use std::time::Duration;
 
@@ -110,6 +113,7 @@ async fn ecr_builds_with_a_minted_credential_and_every_refusal_has_its_reason(t:
             None,
         )
         .await;
+    let expired_before = minted.metadata.annotations.as_ref().unwrap()["bob.dev/expires-at"].clone();
     let refreshed = wait_for(Duration::from_secs(60), || async {
         let now = secrets.get_opt(&secret_name).await.unwrap()?;
         let at = now.metadata.annotations.as_ref()?.get("bob.dev/refresh-at")?.clone();
@@ -117,6 +121,9 @@ async fn ecr_builds_with_a_minted_credential_and_every_refusal_has_its_reason(t:
     })
     .await;
     assert_minted_secret(&refreshed, &pod, &password);
+    // A new session, not the old Secret put back (moto's password is the same every time).
+    let expires_now = &refreshed.metadata.annotations.as_ref().unwrap()["bob.dev/expires-at"];
+    assert!(expires_now > &expired_before, "{expired_before} then {expires_now}");
 
     let st = s.finished("app", BUILD).await;
     assert_eq!((st["phase"].as_str(), st["reason"].as_str()), (Some("Succeeded"), Some("Built")), "{st:#}");
@@ -176,6 +183,38 @@ async fn ecr_builds_with_a_minted_credential_and_every_refusal_has_its_reason(t:
         let pods: Api<Pod> = Api::namespaced(s.client.clone(), &ns);
         assert!(pods.list(&ListParams::default()).await.unwrap().items.is_empty(), "{ns}: a pod started");
     }
+
+    // A user of the unmapped namespace dresses a pod and a Secret as bob's and asks the refresher
+    // for a push credential with the builder role: the mapping decides, and the Secret goes.
+    let ns = format!("{}-unmapped", s.ns);
+    let evil = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "evil", "namespace": ns,
+                     "labels": {"app.kubernetes.io/managed-by": "bob", "app.kubernetes.io/component": "build"}},
+        "spec": {"containers": [{"name": "c", "image": "busybox", "command": ["sleep", "300"]}]}});
+    s.kubectl.ok(&["apply", "-f", "-"], Some(&evil.to_string())).await;
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &ns);
+    let uid = pods.get("evil").await.unwrap().metadata.uid.unwrap();
+    let grants = json!([{"entry": "builds", "host": ECR, "roleArn": moto.roles["builder"],
+                         "repositories": [{"host": ECR, "repository": "ecr-e2e/workspace", "push": true}]}]);
+    let forged = json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
+        "metadata": {"name": "evil-registry", "namespace": ns,
+                     "labels": {"app.kubernetes.io/managed-by": "bob", "bob.dev/credential": "registry"},
+                     "annotations": {"bob.dev/grants": grants.to_string(), "bob.dev/refresh-at": past},
+                     "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": "evil", "uid": uid}]},
+        "data": {".dockerconfigjson": base64::engine::general_purpose::STANDARD.encode("{}")}});
+    s.kubectl.ok(&["apply", "-f", "-"], Some(&forged.to_string())).await;
+    let forged_api: Api<Secret> = Api::namespaced(s.client.clone(), &ns);
+    wait_for(Duration::from_secs(60), || async {
+        match forged_api.get_opt("evil-registry").await.unwrap() {
+            None => Some(()),
+            Some(x) => {
+                let config = String::from_utf8(x.data.unwrap()[".dockerconfigjson"].0.clone()).unwrap();
+                assert_eq!(config, "{}", "the forged Secret got a credential");
+                None
+            }
+        }
+    })
+    .await;
 
     // No credential in the controller's log, in an Event or in a status.
     let token = base64::engine::general_purpose::STANDARD.encode(format!("AWS:{password}"));
