@@ -241,7 +241,7 @@ fn repo_of(name: &[&str]) -> Result<Repo, ProxyError> {
 /// cannot contain `_`, and buildah rejects a `:` inside a mirror location's path.
 pub fn decode_host(encoded: &str) -> Option<String> {
     let (host, port) = match encoded.split_once("__") {
-        Some((h, p)) if !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()) => (h, Some(p)),
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) && p.parse::<u16>().is_ok() => (h, Some(p)),
         Some(_) => return None,
         None => (encoded, None),
     };
@@ -261,12 +261,15 @@ pub fn encode_host(host: &str) -> String {
 }
 
 fn valid_component(c: &str) -> bool {
-    // distribution's path-component grammar: [a-z0-9]+ with single separators [._-] or `__`.
+    // distribution's path-component grammar: `[a-z0-9]+` runs joined by exactly one separator,
+    // `.`, `_`, `__` or one or more `-` (so never `..`).
+    let alnum = |x: &u8| x.is_ascii_lowercase() || x.is_ascii_digit();
     let b = c.as_bytes();
-    !b.is_empty()
-        && b.first().is_some_and(|x| x.is_ascii_lowercase() || x.is_ascii_digit())
-        && b.last().is_some_and(|x| x.is_ascii_lowercase() || x.is_ascii_digit())
-        && b.iter().all(|x| x.is_ascii_lowercase() || x.is_ascii_digit() || b"._-".contains(x))
+    let mut separators = b.split(alnum).filter(|s| !s.is_empty());
+    b.first().is_some_and(alnum)
+        && b.last().is_some_and(alnum)
+        && b.iter().all(|x| alnum(x) || b"._-".contains(x))
+        && separators.all(|s| matches!(s, b"." | b"_" | b"__") || s.iter().all(|&x| x == b'-'))
 }
 
 fn manifest_ref(r: &str) -> Result<ManifestRef, ProxyError> {
