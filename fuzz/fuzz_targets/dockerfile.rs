@@ -2,9 +2,11 @@
 //! `bob build` pins. Input: the Dockerfile, then optionally a NUL byte and build args as
 //! `NAME=value` lines.
 //!
-//! Invariants: a parsed `FROM` starts on a `FROM` line; pinning rewrites only `FROM` lines and
-//! keeps the line count; the pinned Dockerfile, read again with the same build args, has the
-//! same stages, names and line ranges, with every registry image replaced by its pin.
+//! Invariants: a parsed `FROM` starts on a `FROM` line; pinning rewrites only the lines of
+//! `FROM`s and of steps that read an image (`COPY --from=<image>`, `RUN --mount=from=<image>`)
+//! and keeps the line count; the pinned Dockerfile, read again with the same build args, has the
+//! same stages, names and line ranges, and every registry image it starts from or reads is
+//! replaced by its pin.
 #![no_main]
 
 use std::collections::BTreeMap;
@@ -45,8 +47,15 @@ fuzz_target!(|data: &[u8]| {
     assert!(out.len() <= lines.len(), "pinning added lines");
     for (n, a) in lines.iter().enumerate() {
         let b = out.get(n).copied().unwrap_or_default();
-        let in_from = parsed.froms.iter().any(|f| (f.lines.0..=f.lines.1).contains(&n));
-        assert!(in_from || *a == b, "pinning changed line {n}: {a:?} → {b:?}");
+        let rewritten = parsed.froms.iter().map(|f| f.lines).chain(parsed.uses.iter().map(|u| u.lines));
+        let rewritten = rewritten.into_iter().any(|(first, last)| (first..=last).contains(&n));
+        assert!(rewritten || *a == b, "pinning changed line {n}: {a:?} → {b:?}");
+    }
+    for u in &parsed.uses {
+        assert!(u.lines.0 <= u.lines.1 && u.lines.1 < lines.len(), "{:?} outside the file", u.lines);
+        assert!(!u.image.is_empty() || u.written.contains('$'), "{u:?}");
+        let stands = lines[u.at.0].get(u.at.1..).is_some_and(|rest| rest.starts_with(&u.written));
+        assert!(stands && (u.lines.0..=u.lines.1).contains(&u.at.0), "{u:?} is not where it stands");
     }
     let again = Dockerfile::parse(&pinned, &args)
         .unwrap_or_else(|e| panic!("the pinned Dockerfile does not parse: {e}\n{pinned}"));
@@ -58,4 +67,8 @@ fuzz_target!(|data: &[u8]| {
         };
         assert_eq!((&b.base, &b.name, b.lines.0), (&want, &a.name, a.lines.0), "\n{pinned}");
     }
+    // Images that steps read are pinned in place: the same uses, each naming its pin.
+    let want: Vec<_> = parsed.uses.iter().map(|u| (u.lines, pin(&u.image))).collect();
+    let got: Vec<_> = again.uses.iter().map(|u| (u.lines, u.image.clone())).collect();
+    assert_eq!(got, want, "\n{pinned}");
 });

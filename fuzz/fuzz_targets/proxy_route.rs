@@ -2,13 +2,15 @@
 //! build pod can send. Input: the first line is the method, the rest the path.
 //!
 //! Invariants of an accepted route: no percent escapes, dot segments or empty segments reach an
-//! upstream, alias routes name exactly `base` or `target`, mirror hosts are plain hostnames
-//! (with an optional numeric port) that encode back to the path segment they came from, and
-//! mirror repositories follow distribution's name grammar.
+//! upstream, alias routes name exactly `base` or `target`, mirror hosts are hosts a checked
+//! reference may name (so they make an upstream URL) and encode back to the path segment they
+//! came from, and mirror repositories follow distribution's name grammar.
 #![no_main]
 
 use std::sync::OnceLock;
 
+use bob::oci::Endpoints;
+use bob::oci::reference::check_host;
 use bob::proxy::route::{ManifestRef, Repo, Route, decode_host, encode_host, route};
 use http::Method;
 use libfuzzer_sys::fuzz_target;
@@ -49,6 +51,7 @@ fuzz_target!(|data: &[u8]| {
             assert!(!id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric()), "{path:?}");
             assert_eq!(path, format!("/v2/{}/blobs/uploads/{id}", alias.name()));
         }
+        Route::TagsList(a) => assert!(path.trim_end_matches('/') == format!("/v2/{}/tags/list", a.name())),
     }
 });
 
@@ -59,6 +62,10 @@ fn check_repo(repo: &Repo, path: &str) {
             let encoded = encode_host(host);
             assert!(path.starts_with(&format!("/v2/mirror/{encoded}/{repository}/")), "{path:?}");
             assert_eq!(decode_host(&encoded).as_deref(), Some(host.as_str()));
+            // The handler makes the upstream URL from it (after the mirror policy's check):
+            // it must be a host a checked reference may name, or `base_url` panics.
+            assert!(check_host(host).is_ok(), "mirror host {host:?} from {path:?}");
+            let _ = Endpoints::default().base_url(host);
             let (name, port) = host.split_once(':').unwrap_or((host, "0"));
             assert!(port.parse::<u16>().is_ok(), "mirror port {port:?} in {path:?}");
             assert!(

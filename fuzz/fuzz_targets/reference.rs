@@ -1,28 +1,29 @@
-//! Image references as users and ImageBuild specs write them: `oci_client::Reference` parsing,
-//! then bob's plain-HTTP rule and registry URL (`Endpoints`, `strip_port`, `is_loopback`) on
-//! whatever registry the parse accepted.
+//! Image references as users and ImageBuild specs write them: bob's checked parser
+//! (`bob::oci::reference::parse`, oci-client's grammar plus the host, port and case rules), then
+//! the plain-HTTP rule and registry URL (`Endpoints`, `strip_port`, `is_loopback`) on whatever
+//! registry it accepted.
 //!
-//! Invariants: a parsed reference's `whole()` parses to the same reference; its registry gets a
-//! base URL on that registry itself (never the `invalid.invalid` fallback), over plain HTTP when
-//! the registry is named insecure.
+//! Invariants: a checked reference's `whole()` passes the check again and names the same
+//! reference; its registry makes a base URL naming exactly that host and port (`base_url`
+//! panics on any other), over plain HTTP when the registry is named insecure; what the checked
+//! parser accepts, oci-client accepts; the host helpers never panic on any string.
 #![no_main]
 
 use bob::oci::Reference;
 use bob::oci::endpoint::{Endpoints, is_loopback, strip_port};
+use bob::oci::reference::{check_host, parse};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
     // Host helpers take any string (an `--insecure-registry` value, an upload URL's host).
-    check_host(text, false);
-    let Ok(reference) = Reference::try_from(text) else { return };
-    if known_gap(&reference).is_some() {
-        // Recorded in docs/fuzzing.md; skipped so that the run goes on to find something new.
-        return;
-    }
+    let bare = strip_port(text);
+    assert!(text.starts_with(bare), "strip_port({text:?}) = {bare:?} is not a prefix");
+    let _ = is_loopback(text);
+    let Ok(reference) = parse(text) else { return };
+    assert!(Reference::try_from(text).is_ok(), "{text:?} passed the check but not oci-client");
     let whole = reference.whole();
-    let again = Reference::try_from(whole.as_str())
-        .unwrap_or_else(|e| panic!("{text:?} parsed, but its whole() {whole:?} does not: {e}"));
+    let again = parse(&whole).unwrap_or_else(|e| panic!("{text:?} passed, its whole() {whole:?} not: {e}"));
     assert_eq!(
         (again.registry(), again.repository(), again.tag(), again.digest()),
         (reference.registry(), reference.repository(), reference.tag(), reference.digest()),
@@ -30,50 +31,28 @@ fuzz_target!(|data: &[u8]| {
     );
     assert_eq!(again.whole(), whole, "whole() is not a fixed point for {text:?}");
     let host = reference.registry();
-    check_host(host, true);
+    assert!(check_host(host).is_ok());
+    assert_eq!(strip_port(strip_port(host)), strip_port(host), "strip_port not idempotent on {host:?}");
+    assert_eq!(
+        is_loopback(host),
+        is_loopback(strip_port(host)),
+        "the port changes loopback-ness of {host:?}"
+    );
     let endpoints = Endpoints::new([host]);
     let url = endpoints.base_url(host);
-    assert_ne!(url.host_str(), Some("invalid.invalid"), "{text:?} has no base URL");
     assert_eq!(url.scheme(), "http", "{host:?} is named insecure, so plain HTTP");
     assert_eq!(url.path(), "/", "{host:?} gives a base URL with a path: {url}");
     assert!(endpoints.same_origin(host, &url), "{host:?} is not its own origin: {url}");
+    let (name, port) = host.rsplit_once(':').map_or((host, None), |(n, p)| (n, Some(p)));
+    let api = bob::oci::endpoint::api_host(host);
+    if api == host {
+        assert_eq!(url.host_str(), Some(name.to_ascii_lowercase().as_str()), "{host:?} → {url}");
+        let url_port = url.port_or_known_default().map(|n| n.to_string());
+        match port {
+            Some(p) => assert_eq!(url_port.as_deref(), Some(p), "{host:?} → {url}"),
+            None => assert_eq!(url.port(), None, "{host:?} → {url}"),
+        }
+    }
+    let secure = Endpoints::default().base_url(host);
+    assert_eq!(secure.scheme() == "http", is_loopback(host), "{host:?} → {secure}");
 });
-
-/// Host helpers never panic on any string; on a registry from a parsed reference (`host` or
-/// `host:port`, so `strict`) they also agree with each other.
-fn check_host(host: &str, strict: bool) {
-    let bare = strip_port(host);
-    assert!(host.starts_with(bare), "strip_port({host:?}) = {bare:?} is not a prefix");
-    if strict {
-        assert_eq!(strip_port(bare), bare, "strip_port is not idempotent on {host:?}");
-        assert_eq!(is_loopback(host), is_loopback(bare), "the port changes loopback-ness of {host:?}");
-    }
-    let endpoints = Endpoints::default();
-    let url = endpoints.base_url(host);
-    assert_eq!(endpoints.is_plain_http(host), is_loopback(&host.to_ascii_lowercase()));
-    assert!(matches!(url.scheme(), "http" | "https"), "{host:?} → {url}");
-}
-
-/// References that `oci_client` accepts but that name no possible image; bob must refuse them as
-/// invalid references before any network traffic (issue 12's `127.0.0.1:99999/a:t`). That
-/// validation is `src/oci/reference.rs` (another branch); until it lands, these are the classes
-/// this target finds at once, recorded in docs/fuzzing.md:
-/// - a port past 65535 and dotted numbers that the URL standard reads as an invalid IPv4 address
-///   (`254.0.099/a:t`, octal `099`): no URL host, `Endpoints::base_url` falls back to
-///   `https://invalid.invalid/`;
-/// - a first component with upper case and no `.` or `:` (`Registry/app`): oci_client puts it in
-///   Docker Hub's repository name, which is invalid (`docker.io/Registry/app` does not parse),
-///   while docker reads it as a registry host.
-fn known_gap(reference: &Reference) -> Option<&'static str> {
-    let host = reference.registry();
-    if host.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_err()) {
-        return Some("port out of range");
-    }
-    if url::Url::parse(&format!("http://{host}/")).is_err() {
-        return Some("registry is not a URL host");
-    }
-    if reference.repository().bytes().any(|b| b.is_ascii_uppercase()) {
-        return Some("upper case in the repository name");
-    }
-    None
-}
