@@ -138,8 +138,9 @@ fn mirror_repository_names_follow_the_distribution_grammar() {
 }
 
 #[test]
-fn mirror_hosts_have_a_real_port() {
-    // Found by `fuzz/fuzz_targets/proxy_route.rs`: any run of digits was taken as a port.
+fn mirror_hosts_are_hosts_a_reference_may_name() {
+    // Found by `fuzz/fuzz_targets/proxy_route.rs`: any run of digits was taken as a port, and
+    // any dotted run of letters, digits and dashes as a host (`999.1.1.1` makes no URL).
     let found = format!(
         "/v2/mirror/registry.test__50{}00/teap.x_y/blobs/sha256:{}",
         "3".repeat(79),
@@ -149,13 +150,17 @@ fn mirror_hosts_have_a_real_port() {
     assert_eq!(decode_host("r.test__65536"), None);
     assert_eq!(decode_host("r.test__+80"), None);
     assert_eq!(decode_host("r.test__65535").as_deref(), Some("r.test:65535"));
+    // The host must be one a checked reference may name, so that it makes an upstream URL.
+    for bad in ["r.test__0", "r.test__080", "999.1.1.1", "1.2.3", "a-.test", "r.test__"] {
+        assert_eq!(decode_host(bad), None, "{bad}");
+    }
 }
 
 #[test]
 fn dockerfiles_read_in_linear_time() {
     // Not reachable by the fuzzers (-max_len 8192); found by measuring: every FROM compared its
     // image with every earlier stage name, and `images()` every image with every earlier one,
-    // so a 1.2 MiB Dockerfile of 40,000 stages took 32 s to read (release build). The
+    // so a 1.2 MiB Dockerfile of 40,000 stages took 32 s to read (optimised build). The
     // controller reads git Dockerfiles of any size on every reconcile. The bound is the fuzzers'
     // per-input limit (-timeout=10), for a debug build.
     let text: String = (0..40_000).map(|i| format!("FROM r.test/i{i}:1 AS s{i}\nFROM S{i}\n")).collect();
@@ -165,4 +170,34 @@ fn dockerfiles_read_in_linear_time() {
     assert_eq!(d.froms[80_000 - 1].base, Base::Stage("S39999".into()));
     let took = started.elapsed();
     assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
+}
+
+#[test]
+fn images_read_by_steps_are_pinned_where_they_stand() {
+    // Found by `fuzz/fuzz_targets/dockerfile.rs`: pinning searched each `from=<value>` as text in
+    // the instruction's lines and replaced the first match, which can be another token (here
+    // `--f--from=…`, not a flag) or a comment, leaving the flag itself unpinned.
+    let found = "ARG TOOLS=registry.test:250t0/ools:2\nFROM ild\nCOPY --from=r-chown=0499 --fCOPY \
+                 --from=r-chY --from=r-chown=0499 --fCOPY --f--from=r-chown=0499 --fCOPY --from=r-chY \
+                 --from=r-chown=0499 ---from=do\u{1}";
+    let d = parse(found);
+    let pinned = d.pinned(|i| format!("{i}@d"));
+    assert_eq!(
+        pinned.lines().nth(2),
+        Some(
+            "COPY --from=r-chown=0499@d --fCOPY --from=r-chY@d --from=r-chown=0499@d --fCOPY \
+             --f--from=r-chown=0499 --fCOPY --from=r-chY@d --from=r-chown=0499@d ---from=do\u{1}"
+        )
+    );
+    // An empty `--from=` names no image, also before a word that is not a flag.
+    let d = parse(
+        "FROM golang:1.22 AS build\nCOPY --from= --from=docker.io/library/busybox:1.36 /bin/busybox /b\n",
+    );
+    assert_eq!(d.images(), ["golang:1.22", "docker.io/library/busybox:1.36"]);
+    let text = "FROM a\nRUN \\\n# from=tools:1 is mounted below\n    --mount=type=bind,from=tools:1,target=/t make\n";
+    let pinned = parse(text).pinned(|i| format!("{i}@d"));
+    assert_eq!(
+        pinned,
+        "FROM a@d\nRUN \\\n# from=tools:1 is mounted below\n    --mount=type=bind,from=tools:1@d,target=/t make\n"
+    );
 }

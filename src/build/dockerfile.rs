@@ -74,6 +74,8 @@ pub struct FromLine {
 pub struct ImageUse {
     /// First and last 0-based physical line of the instruction.
     pub lines: (usize, usize),
+    /// The 0-based physical line and byte offset where the written reference stands.
+    pub at: (usize, usize),
     /// The reference as written after `from=` (before expansion).
     pub written: String,
     /// The image (after expansion).
@@ -151,10 +153,11 @@ impl Dockerfile {
                     return Err(Error::BeforeFrom { line: start + 1, instruction: other.to_string() });
                 }
                 "COPY" | "RUN" => {
-                    for written in from_flags(&args) {
+                    for (written, at) in from_flags(&lines, (start, end), escape) {
                         let image = expand(written, &globals);
                         if !is_stage(&image, &stages) {
-                            uses.push(ImageUse { lines: (start, end), written: written.to_string(), image });
+                            let written = written.to_string();
+                            uses.push(ImageUse { lines: (start, end), at, written, image });
                         }
                     }
                 }
@@ -200,12 +203,11 @@ impl Dockerfile {
                 *l = ending(l).to_string();
             }
         }
-        for u in &self.uses {
-            // The flag stands whole on one physical line of its instruction.
-            let (from, to) = (format!("from={}", u.written), format!("from={}", pin(&u.image)));
-            if let Some(l) = lines[u.lines.0..=u.lines.1].iter_mut().find(|l| l.contains(&from)) {
-                *l = l.replacen(&from, &to, 1);
-            }
+        // Each reference is replaced where it stands, the last on a line first so that the
+        // offsets of the others still hold (a text search could hit another token or a comment).
+        for u in self.uses.iter().rev() {
+            let (line, offset) = u.at;
+            lines[line].replace_range(offset..offset + u.written.len(), &pin(&u.image));
         }
         lines.concat()
     }
@@ -267,18 +269,49 @@ fn ending(line: &str) -> &str {
     &line[body.len()..]
 }
 
-/// The `from=` values of an instruction's flags: `--from=X` (COPY) and `from=X` inside a
-/// `--mount=...` (RUN), as written.
-fn from_flags<'a>(args: &[&'a str]) -> Vec<&'a str> {
+/// The `from=` values of an instruction's leading flags, `--from=X` (COPY) and `from=X` inside
+/// a `--mount=...` (RUN), each with the physical line and byte offset where it stands. The
+/// lines are read as `parse` joins them (comment and blank lines skipped, the escape character
+/// cut), so the values are those of the logical line's flags, in order.
+fn from_flags(lines: &[String], range: (usize, usize), escape: char) -> Vec<(&str, (usize, usize))> {
     let mut out = Vec::new();
-    for a in args.iter().take_while(|a| a.starts_with("--")) {
-        if let Some(v) = a.strip_prefix("--from=") {
-            out.push(v);
-        } else if let Some(spec) = a.strip_prefix("--mount=") {
-            out.extend(spec.split(',').filter_map(|kv| kv.strip_prefix("from=")));
+    let mut words = 0;
+    'lines: for (n, line) in lines.iter().enumerate().take(range.1 + 1).skip(range.0) {
+        let line = line.trim_end();
+        if line.trim_start().is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        }
+        for (at, word) in words_of(line.strip_suffix(escape).unwrap_or(line)) {
+            words += 1;
+            if words == 1 {
+                continue; // the instruction
+            }
+            if !word.starts_with("--") {
+                break 'lines;
+            }
+            if let Some(v) = word.strip_prefix("--from=") {
+                out.push((v, (n, at + "--from=".len())));
+            } else if let Some(spec) = word.strip_prefix("--mount=") {
+                let mut offset = at + "--mount=".len();
+                for kv in spec.split(',') {
+                    if let Some(v) = kv.strip_prefix("from=") {
+                        out.push((v, (n, offset + "from=".len())));
+                    }
+                    offset += kv.len() + 1;
+                }
+            }
         }
     }
-    out.into_iter().filter(|v| !v.is_empty()).collect()
+    out.retain(|(v, _)| !v.is_empty());
+    out
+}
+
+/// The whitespace-separated words of `s` with their byte offsets.
+fn words_of(s: &str) -> impl Iterator<Item = (usize, &str)> {
+    let starts = s.char_indices().filter(move |&(i, c)| {
+        !c.is_whitespace() && s[..i].chars().next_back().is_none_or(char::is_whitespace)
+    });
+    starts.map(move |(i, _)| (i, s[i..].split(char::is_whitespace).next().unwrap_or_default()))
 }
 
 /// The line-continuation character from a leading `# escape=` directive (default `\`).

@@ -4,6 +4,7 @@
 use http::Method;
 
 use super::error::ProxyError;
+use crate::oci::reference::check_host;
 
 /// The repositories a build may write to, by the names the build uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -240,19 +241,12 @@ fn repo_of(name: &[&str]) -> Result<Repo, ProxyError> {
 /// Decodes a mirror path's host: `registry.test__5000` → `registry.test:5000`. Hostnames
 /// cannot contain `_`, and buildah rejects a `:` inside a mirror location's path.
 pub fn decode_host(encoded: &str) -> Option<String> {
-    let (host, port) = match encoded.split_once("__") {
-        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) && p.parse::<u16>().is_ok() => (h, Some(p)),
-        Some(_) => return None,
-        None => (encoded, None),
+    let host = match encoded.split_once("__") {
+        Some((h, p)) => format!("{h}:{p}"),
+        None => encoded.to_string(),
     };
-    let ok = !host.is_empty()
-        && host.split('.').all(|l| {
-            !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') && !l.starts_with('-')
-        });
-    ok.then(|| match port {
-        Some(p) => format!("{host}:{p}"),
-        None => host.to_string(),
-    })
+    // Only a host that a checked reference may name: the upstream URL is made from it.
+    check_host(&host).is_ok().then_some(host)
 }
 
 /// Encodes a registry host for a mirror path (the inverse of [`decode_host`]).
