@@ -2,7 +2,8 @@
 //! build pod can send. Input: the first line is the method, the rest the path.
 //!
 //! Invariants of an accepted route: no percent escapes, dot segments or empty segments reach an
-//! upstream, alias routes name exactly `base` or `target`, mirror hosts are hosts a checked
+//! upstream, alias routes name exactly `base`, `target` or `cache` (the layer cache: manifests by
+//! build-step key only, no tag list), mirror hosts are hosts a checked
 //! reference may name (so they make an upstream URL) and encode back to the path segment they
 //! came from, and mirror repositories follow distribution's name grammar.
 #![no_main]
@@ -11,7 +12,7 @@ use std::sync::OnceLock;
 
 use bob::oci::Endpoints;
 use bob::oci::reference::check_host;
-use bob::proxy::route::{ManifestRef, Repo, Route, decode_host, encode_host, route};
+use bob::proxy::route::{Alias, ManifestRef, Repo, Route, decode_host, encode_host, route};
 use http::Method;
 use libfuzzer_sys::fuzz_target;
 use regex::Regex;
@@ -37,6 +38,13 @@ fuzz_target!(|data: &[u8]| {
         Route::Ping => assert!(path == "/v2/" || path == "/v2"),
         Route::Manifest { repo, reference } => {
             check_repo(repo, path);
+            if *repo == Repo::Alias(Alias::Cache) {
+                // buildah's --cache-from/--cache-to name a cached step by its key (the hex sha256
+                // of the step), never by another tag or by digest.
+                let is_key = matches!(reference, ManifestRef::Tag(t)
+                    if t.len() == 64 && t.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+                assert!(is_key, "cache manifest not by step key: {path:?}");
+            }
             match reference {
                 ManifestRef::Tag(t) => assert!(!t.is_empty() && t.len() <= 128 && !t.contains(':')),
                 ManifestRef::Digest(d) => check_digest(d),
@@ -51,13 +59,20 @@ fuzz_target!(|data: &[u8]| {
             assert!(!id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric()), "{path:?}");
             assert_eq!(path, format!("/v2/{}/blobs/uploads/{id}", alias.name()));
         }
-        Route::TagsList(a) => assert!(path.trim_end_matches('/') == format!("/v2/{}/tags/list", a.name())),
+        Route::TagsList(a) => {
+            // The cache's tag list would name every step cached in the scope.
+            assert_ne!(*a, Alias::Cache, "cache tag list served: {path:?}");
+            assert!(path.trim_end_matches('/') == format!("/v2/{}/tags/list", a.name()));
+        }
     }
 });
 
 fn check_repo(repo: &Repo, path: &str) {
     match repo {
-        Repo::Alias(a) => assert!(path.starts_with(&format!("/v2/{}/", a.name())), "{path:?}"),
+        Repo::Alias(a) => {
+            assert!(matches!(a.name(), "base" | "target" | "cache"), "{a:?}");
+            assert!(path.starts_with(&format!("/v2/{}/", a.name())), "{path:?}");
+        }
         Repo::Mirror { host, repository } => {
             let encoded = encode_host(host);
             assert!(path.starts_with(&format!("/v2/mirror/{encoded}/{repository}/")), "{path:?}");
