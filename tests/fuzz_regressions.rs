@@ -201,3 +201,16 @@ fn images_read_by_steps_are_pinned_where_they_stand() {
         "FROM a@d\nRUN \\\n# from=tools:1 is mounted below\n    --mount=type=bind,from=tools:1@d,target=/t make\n"
     );
 }
+
+#[test]
+fn mirror_hosts_write_the_port_one_way() {
+    // Found by `fuzz/fuzz_targets/proxy_route.rs` (after 765,908 executions): a host segment
+    // holding a literal `:` was taken as it stands, a second path for `<host>__<port>` that
+    // `encode_host` does not give back. buildah refuses a `:` in a mirror location, so no build
+    // sends one; the proxy answers one spelling only.
+    let found = "/v2/mirror/krra:2/mi1ox/manifests/b.";
+    assert!(matches!(route(&Method::GET, found), Err(ProxyError::NameInvalid { .. })));
+    assert_eq!(decode_host("r.test:5000"), None);
+    assert_eq!(decode_host("r.test__5000").as_deref(), Some("r.test:5000"));
+    assert!(route(&Method::GET, "/v2/mirror/r.test__5000/team/app/manifests/1").is_ok());
+}

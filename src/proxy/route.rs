@@ -241,6 +241,11 @@ fn repo_of(name: &[&str]) -> Result<Repo, ProxyError> {
 /// Decodes a mirror path's host: `registry.test__5000` → `registry.test:5000`. Hostnames
 /// cannot contain `_`, and buildah rejects a `:` inside a mirror location's path.
 pub fn decode_host(encoded: &str) -> Option<String> {
+    // The port is written `__<port>` only: a literal `:` as well would be a second path for one
+    // mirror, one that `encode_host` does not give back (and buildah never sends).
+    if encoded.contains(':') {
+        return None;
+    }
     let host = match encoded.split_once("__") {
         Some((h, p)) => format!("{h}:{p}"),
         None => encoded.to_string(),
