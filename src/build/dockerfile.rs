@@ -4,7 +4,7 @@
 //! pinned references, keeping line numbers so the engine's errors still point at the user's
 //! lines. Every image a build reads is thus keyed, pinned and pulled through the proxy's mirror.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Why a Dockerfile cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -17,6 +17,22 @@ pub enum Error {
     EmptyFrom {
         /// 1-based line of the instruction.
         line: usize,
+    },
+    /// A `FROM` with other words than an image and optionally `AS name` (buildah's rule).
+    #[error("line {line}: FROM requires either one argument, or three: FROM <source> [AS <name>]")]
+    FromArguments {
+        /// 1-based line of the instruction.
+        line: usize,
+    },
+    /// A stage name outside Docker's rule.
+    #[error(
+        "line {line}: invalid name for build stage: {name:?}, name can't start with a number or contain symbols"
+    )]
+    StageName {
+        /// 1-based line of the instruction.
+        line: usize,
+        /// The name as written.
+        name: String,
     },
     /// An instruction before the first `FROM` other than `ARG`.
     #[error("line {line}: {instruction} before the first FROM")]
@@ -58,6 +74,8 @@ pub struct FromLine {
 pub struct ImageUse {
     /// First and last 0-based physical line of the instruction.
     pub lines: (usize, usize),
+    /// The 0-based physical line and byte offset where the written reference stands.
+    pub at: (usize, usize),
     /// The reference as written after `from=` (before expansion).
     pub written: String,
     /// The image (after expansion).
@@ -67,6 +85,7 @@ pub struct ImageUse {
 /// The parsed images of a Dockerfile.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Dockerfile {
+    /// The physical lines, each with its own line ending, so that pinning keeps them as written.
     lines: Vec<String>,
     /// The `FROM` instructions in order.
     pub froms: Vec<FromLine>,
@@ -77,20 +96,27 @@ pub struct Dockerfile {
 impl Dockerfile {
     /// Parses `text`; `build_args` override the defaults of global `ARG`s they name.
     pub fn parse(text: &str, build_args: &BTreeMap<String, String>) -> Result<Self, Error> {
-        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        let lines: Vec<String> = text.split_inclusive('\n').map(str::to_string).collect();
         let escape = escape_char(&lines);
         let mut globals: BTreeMap<String, String> = BTreeMap::new();
         let mut froms: Vec<FromLine> = Vec::new();
         let mut uses: Vec<ImageUse> = Vec::new();
+        // Stage names so far, lower case: a set keeps reading linear in the number of stages.
+        let mut stages: BTreeSet<String> = BTreeSet::new();
         let mut i = 0;
         while i < lines.len() {
             let start = i;
             let mut logical = String::new();
             loop {
-                let line = &lines[i];
-                let is_comment = line.trim_start().starts_with('#');
-                if !is_comment {
-                    let trimmed = line.trim_end();
+                let trimmed = lines[i].trim_end();
+                // Comments and blank lines are skipped inside a continuation, as buildah does;
+                // before an instruction they are lines of their own, which pinning (it rewrites
+                // an instruction's lines) must keep, the escape directive above all.
+                let skip = trimmed.trim_start().is_empty() || trimmed.trim_start().starts_with('#');
+                if skip && logical.is_empty() {
+                    break;
+                }
+                if !skip {
                     match trimmed.strip_suffix(escape) {
                         Some(head) => logical.push_str(head),
                         None => {
@@ -118,15 +144,20 @@ impl Dockerfile {
                         globals.insert(k.to_string(), v);
                     }
                 }
-                "FROM" => froms.push(parse_from(&args, (start, end), &globals, &froms)?),
+                "FROM" => {
+                    let from = parse_from(&args, (start, end), &globals, &stages)?;
+                    stages.extend(from.name.as_deref().map(str::to_ascii_lowercase));
+                    froms.push(from);
+                }
                 other if froms.is_empty() => {
                     return Err(Error::BeforeFrom { line: start + 1, instruction: other.to_string() });
                 }
                 "COPY" | "RUN" => {
-                    for written in from_flags(&args) {
+                    for (written, at) in from_flags(&lines, (start, end), escape) {
                         let image = expand(written, &globals);
-                        if !is_stage(&image, &froms) {
-                            uses.push(ImageUse { lines: (start, end), written: written.to_string(), image });
+                        if !is_stage(&image, &stages) {
+                            let written = written.to_string();
+                            uses.push(ImageUse { lines: (start, end), at, written, image });
                         }
                     }
                 }
@@ -145,17 +176,13 @@ impl Dockerfile {
             Base::Image(i) => Some(i.as_str()),
             _ => None,
         });
-        let mut out: Vec<&str> = Vec::new();
-        for i in froms.chain(self.uses.iter().map(|u| u.image.as_str())) {
-            if !out.contains(&i) {
-                out.push(i);
-            }
-        }
-        out
+        let mut seen: BTreeSet<&str> = BTreeSet::new();
+        froms.chain(self.uses.iter().map(|u| u.image.as_str())).filter(|i| seen.insert(i)).collect()
     }
 
-    /// The Dockerfile with each registry `FROM` image replaced by `pin(image)`; other lines and
-    /// line numbers are kept (a multi-line `FROM` becomes one line plus blank lines).
+    /// The Dockerfile with each registry `FROM` image replaced by `pin(image)`; other lines are
+    /// kept byte for byte, and so are line numbers (a multi-line `FROM` becomes one line plus
+    /// blank lines).
     pub fn pinned(&self, pin: impl Fn(&str) -> String) -> String {
         let mut lines = self.lines.clone();
         for f in &self.froms {
@@ -170,21 +197,19 @@ impl Dockerfile {
                 line.push_str(" AS ");
                 line.push_str(n);
             }
+            line.push_str(ending(&lines[f.lines.0]));
             lines[f.lines.0] = line;
             for l in &mut lines[f.lines.0 + 1..=f.lines.1] {
-                l.clear();
+                *l = ending(l).to_string();
             }
         }
-        for u in &self.uses {
-            // The flag stands whole on one physical line of its instruction.
-            let (from, to) = (format!("from={}", u.written), format!("from={}", pin(&u.image)));
-            if let Some(l) = lines[u.lines.0..=u.lines.1].iter_mut().find(|l| l.contains(&from)) {
-                *l = l.replacen(&from, &to, 1);
-            }
+        // Each reference is replaced where it stands, the last on a line first so that the
+        // offsets of the others still hold (a text search could hit another token or a comment).
+        for u in self.uses.iter().rev() {
+            let (line, offset) = u.at;
+            lines[line].replace_range(offset..offset + u.written.len(), &pin(&u.image));
         }
-        let mut out = lines.join("\n");
-        out.push('\n');
-        out
+        lines.concat()
     }
 }
 
@@ -192,7 +217,7 @@ fn parse_from(
     args: &[&str],
     lines: (usize, usize),
     globals: &BTreeMap<String, String>,
-    earlier: &[FromLine],
+    stages: &BTreeSet<String>,
 ) -> Result<FromLine, Error> {
     let line = lines.0 + 1;
     let flags: Vec<String> =
@@ -200,11 +225,21 @@ fn parse_from(
     let rest = &args[flags.len()..];
     let image = rest.first().map(|i| expand(i, globals)).filter(|i| !i.is_empty());
     let image = image.ok_or(Error::EmptyFrom { line })?;
-    let name = match rest.get(1) {
-        Some(kw) if kw.eq_ignore_ascii_case("as") => rest.get(2).map(|n| n.to_string()),
-        _ => None,
+    // Exactly buildah's shapes: pinning rewrites the line from these parts, so a stray word
+    // would vanish from the pinned Dockerfile (and turn a refused FROM into an accepted one).
+    let name = match rest {
+        [_] => None,
+        [_, kw, name] if kw.eq_ignore_ascii_case("as") => Some(name.to_string()),
+        _ => return Err(Error::FromArguments { line }),
     };
-    let base = if is_stage(&image, earlier) {
+    // Docker's rule; it also keeps the escape character out of the name that pinning writes
+    // at the end of a line.
+    if let Some(n) = &name
+        && !valid_stage_name(n)
+    {
+        return Err(Error::StageName { line, name: n.clone() });
+    }
+    let base = if is_stage(&image, stages) {
         Base::Stage(image)
     } else if image.eq_ignore_ascii_case("scratch") {
         Base::Scratch
@@ -214,24 +249,69 @@ fn parse_from(
     Ok(FromLine { lines, flags, base, name })
 }
 
-/// Whether `name` names an earlier stage (by name, or by index as `COPY --from=0` does).
-fn is_stage(name: &str, earlier: &[FromLine]) -> bool {
+/// Whether `name` names an earlier stage (by name, or by index as `COPY --from=0` does);
+/// `stages` holds the earlier names in lower case.
+fn is_stage(name: &str, stages: &BTreeSet<String>) -> bool {
     let by_index = !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit());
-    by_index || earlier.iter().any(|f| f.name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(name)))
+    by_index || stages.contains(&name.to_ascii_lowercase())
 }
 
-/// The `from=` values of an instruction's flags: `--from=X` (COPY) and `from=X` inside a
-/// `--mount=...` (RUN), as written.
-fn from_flags<'a>(args: &[&'a str]) -> Vec<&'a str> {
+/// Docker's stage names: `[a-z][a-z0-9-_.]*`, compared case-insensitively.
+fn valid_stage_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    b.first().is_some_and(u8::is_ascii_alphabetic)
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(c))
+}
+
+/// The line ending of a physical line (`\r\n`, `\n`, or none on a last line without one).
+fn ending(line: &str) -> &str {
+    let body = line.strip_suffix('\n').map(|l| l.strip_suffix('\r').unwrap_or(l)).unwrap_or(line);
+    &line[body.len()..]
+}
+
+/// The `from=` values of an instruction's leading flags, `--from=X` (COPY) and `from=X` inside
+/// a `--mount=...` (RUN), each with the physical line and byte offset where it stands. The
+/// lines are read as `parse` joins them (comment and blank lines skipped, the escape character
+/// cut), so the values are those of the logical line's flags, in order.
+fn from_flags(lines: &[String], range: (usize, usize), escape: char) -> Vec<(&str, (usize, usize))> {
     let mut out = Vec::new();
-    for a in args.iter().take_while(|a| a.starts_with("--")) {
-        if let Some(v) = a.strip_prefix("--from=") {
-            out.push(v);
-        } else if let Some(spec) = a.strip_prefix("--mount=") {
-            out.extend(spec.split(',').filter_map(|kv| kv.strip_prefix("from=")));
+    let mut words = 0;
+    'lines: for (n, line) in lines.iter().enumerate().take(range.1 + 1).skip(range.0) {
+        let line = line.trim_end();
+        if line.trim_start().is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        }
+        for (at, word) in words_of(line.strip_suffix(escape).unwrap_or(line)) {
+            words += 1;
+            if words == 1 {
+                continue; // the instruction
+            }
+            if !word.starts_with("--") {
+                break 'lines;
+            }
+            if let Some(v) = word.strip_prefix("--from=") {
+                out.push((v, (n, at + "--from=".len())));
+            } else if let Some(spec) = word.strip_prefix("--mount=") {
+                let mut offset = at + "--mount=".len();
+                for kv in spec.split(',') {
+                    if let Some(v) = kv.strip_prefix("from=") {
+                        out.push((v, (n, offset + "from=".len())));
+                    }
+                    offset += kv.len() + 1;
+                }
+            }
         }
     }
-    out.into_iter().filter(|v| !v.is_empty()).collect()
+    out.retain(|(v, _)| !v.is_empty());
+    out
+}
+
+/// The whitespace-separated words of `s` with their byte offsets.
+fn words_of(s: &str) -> impl Iterator<Item = (usize, &str)> {
+    let starts = s.char_indices().filter(move |&(i, c)| {
+        !c.is_whitespace() && s[..i].chars().next_back().is_none_or(char::is_whitespace)
+    });
+    starts.map(move |(i, _)| (i, s[i..].split(char::is_whitespace).next().unwrap_or_default()))
 }
 
 /// The line-continuation character from a leading `# escape=` directive (default `\`).

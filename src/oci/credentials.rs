@@ -186,7 +186,7 @@ fn credential_of(key: &str, e: RawEntry) -> Result<Option<Credential>, Error> {
 pub fn normalize_key(key: &str) -> String {
     let k = key.trim();
     let k = k.strip_prefix("https://").or_else(|| k.strip_prefix("http://")).unwrap_or(k);
-    let k = k.split('/').next().unwrap_or(k).to_ascii_lowercase();
+    let k = k.split('/').next().unwrap_or(k).trim().to_ascii_lowercase();
     match k.as_str() {
         "index.docker.io" | "registry-1.docker.io" | "docker.io" => "docker.io".to_string(),
         _ => k,

@@ -4,6 +4,7 @@
 use http::Method;
 
 use super::error::ProxyError;
+use crate::oci::reference::check_host;
 
 /// The repositories a build may write to, by the names the build uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -240,19 +241,17 @@ fn repo_of(name: &[&str]) -> Result<Repo, ProxyError> {
 /// Decodes a mirror path's host: `registry.test__5000` → `registry.test:5000`. Hostnames
 /// cannot contain `_`, and buildah rejects a `:` inside a mirror location's path.
 pub fn decode_host(encoded: &str) -> Option<String> {
-    let (host, port) = match encoded.split_once("__") {
-        Some((h, p)) if !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()) => (h, Some(p)),
-        Some(_) => return None,
-        None => (encoded, None),
+    // The port is written `__<port>` only: a literal `:` as well would be a second path for one
+    // mirror, one that `encode_host` does not give back (and buildah never sends).
+    if encoded.contains(':') {
+        return None;
+    }
+    let host = match encoded.split_once("__") {
+        Some((h, p)) => format!("{h}:{p}"),
+        None => encoded.to_string(),
     };
-    let ok = !host.is_empty()
-        && host.split('.').all(|l| {
-            !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') && !l.starts_with('-')
-        });
-    ok.then(|| match port {
-        Some(p) => format!("{host}:{p}"),
-        None => host.to_string(),
-    })
+    // Only a host that a checked reference may name: the upstream URL is made from it.
+    check_host(&host).is_ok().then_some(host)
 }
 
 /// Encodes a registry host for a mirror path (the inverse of [`decode_host`]).
@@ -261,12 +260,15 @@ pub fn encode_host(host: &str) -> String {
 }
 
 fn valid_component(c: &str) -> bool {
-    // distribution's path-component grammar: [a-z0-9]+ with single separators [._-] or `__`.
+    // distribution's path-component grammar: `[a-z0-9]+` runs joined by exactly one separator,
+    // `.`, `_`, `__` or one or more `-` (so never `..`).
+    let alnum = |x: &u8| x.is_ascii_lowercase() || x.is_ascii_digit();
     let b = c.as_bytes();
-    !b.is_empty()
-        && b.first().is_some_and(|x| x.is_ascii_lowercase() || x.is_ascii_digit())
-        && b.last().is_some_and(|x| x.is_ascii_lowercase() || x.is_ascii_digit())
-        && b.iter().all(|x| x.is_ascii_lowercase() || x.is_ascii_digit() || b"._-".contains(x))
+    let mut separators = b.split(alnum).filter(|s| !s.is_empty());
+    b.first().is_some_and(alnum)
+        && b.last().is_some_and(alnum)
+        && b.iter().all(|x| alnum(x) || b"._-".contains(x))
+        && separators.all(|s| matches!(s, b"." | b"_" | b"__") || s.iter().all(|&x| x == b'-'))
 }
 
 fn manifest_ref(r: &str) -> Result<ManifestRef, ProxyError> {
