@@ -54,7 +54,9 @@ fn main() -> ExitCode {
             // cannot reach it, so there it is reported ignored, and said so here.
             let sim_only = |name: &str| scenarios_cloud::ALL.iter().any(|(n, _)| *n == name);
             if !t.is_kube_sim() {
-                eprintln!("e2e: the ECR scenarios run on kube-sim only (their registry is this machine's loopback)");
+                eprintln!(
+                    "e2e: the ECR scenarios run on kube-sim only (their registry is this machine's loopback)"
+                );
             }
             runs.into_iter()
                 .map(|(name, run, ignored)| {

@@ -40,7 +40,10 @@ async fn ecr_builds_with_a_minted_credential_and_every_refusal_has_its_reason(t:
         cfg!(feature = "test-hooks"),
         "this test needs the test hook: run it with `cargo test --features test-hooks` (as scripts/test does)"
     );
-    assert!(t.is_kube_sim(), "the ECR scenario needs kube-sim (a cluster's pods cannot reach this machine's loopback)");
+    assert!(
+        t.is_kube_sim(),
+        "the ECR scenario needs kube-sim (a cluster's pods cannot reach this machine's loopback)"
+    );
     let moto = Moto::start(&json!({
         "account": ACCOUNT,
         "region": "us-east-1",
