@@ -30,10 +30,11 @@ fn bob_copy(moto: &Moto, user: &str, registry: &str, auth: Option<&std::path::Pa
 #[tokio::test(flavor = "multi_thread")]
 async fn ecr_without_a_config_entry_uses_the_ambient_aws_credentials() {
     // ECR host names reach the loopback registry only through the test hook.
-    assert!(
-        cfg!(feature = "test-hooks"),
-        "this test needs the test hook: run it with `cargo test --features test-hooks` (as scripts/test does)"
-    );
+    if !cfg!(feature = "test-hooks") {
+        panic!(
+            "this test needs the test hook: run it with `cargo test --features test-hooks` (as scripts/test does)"
+        );
+    }
     let moto = Moto::start(&json!({
         "account": ACCOUNT,
         "users": [
