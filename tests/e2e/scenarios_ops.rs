@@ -111,15 +111,23 @@ async fn baseline_namespace_rejects_the_dockerfile_pod(t: Target) -> Scenario {
     );
     assert_eq!(st["failure"]["reason"], "PodRejected", "{st:#}");
     assert!(s.pods.lock().unwrap().is_empty(), "no pod exists");
-    let events: Value =
-        serde_json::from_str(&s.kubectl.ok(&["get", "events", "-n", &s.ns, "-o", "json"], None).await)
-            .unwrap();
-    let warned = events["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|e| e["reason"] == "PodRejected" && e["type"] == "Warning");
-    assert!(warned, "a Warning Event PodRejected: {events:#}");
+    // The Event is an effect, published right after the status write: it may trail the status.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let events: Value =
+            serde_json::from_str(&s.kubectl.ok(&["get", "events", "-n", &s.ns, "-o", "json"], None).await)
+                .unwrap();
+        let warned = events["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["reason"] == "PodRejected" && e["type"] == "Warning");
+        if warned {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "a Warning Event PodRejected: {events:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     s
 }
 
