@@ -130,12 +130,6 @@ fn timestamp(t: SystemTime) -> Timestamp {
     Timestamp::try_from(t).unwrap_or(Timestamp::UNIX_EPOCH)
 }
 
-/// A token's expiry, ignored when it is not in the future (then the session bounds it).
-fn expiry(t: Option<&aws_sdk_ecr::primitives::DateTime>, now: Timestamp) -> Option<Timestamp> {
-    let t = SystemTime::try_from(*t?).ok().map(timestamp)?;
-    (t > now).then_some(t)
-}
-
 /// Mints build credentials with the controller's identity.
 pub struct Minter {
     base: SdkConfig,
@@ -194,41 +188,15 @@ impl Minter {
                 session_end,
                 "bob-build-session",
             );
-            let (auth, token_end) = match &registry {
-                Registry::Private { account, fips, .. } => {
-                    let conf = aws_sdk_ecr::config::Builder::from(&self.base)
-                        .region(region)
-                        .credentials_provider(creds)
-                        .use_fips(*fips || self.base.use_fips().unwrap_or(false))
-                        .build();
-                    let ecr = aws_sdk_ecr::Client::from_conf(conf);
-                    for (host, repository) in must_exist.iter().filter(|(h, _)| h == &g.host) {
-                        check_exists(&ecr, account, host, repository, &g.entry).await?;
-                    }
-                    let out = ecr
-                        .get_authorization_token()
-                        .send()
-                        .await
-                        .map_err(|e| classify("ecr:GetAuthorizationToken", &g.entry, e))?;
-                    let data = out.authorization_data().first();
-                    let token = data.and_then(|d| d.authorization_token()).map(str::to_string);
-                    (token, expiry(data.and_then(|d| d.expires_at()), now))
+            if let Registry::Private { account, .. } = &registry {
+                let ecr = private_client(&self.base, &registry, Some(creds.clone()));
+                for (host, repository) in must_exist.iter().filter(|(h, _)| h == &g.host) {
+                    check_exists(&ecr, account, host, repository, &g.entry).await?;
                 }
-                Registry::Public => {
-                    let conf = aws_sdk_ecrpublic::config::Builder::from(&self.base)
-                        .region(Region::new(ecr::PUBLIC_REGION))
-                        .credentials_provider(creds)
-                        .build();
-                    let out = aws_sdk_ecrpublic::Client::from_conf(conf)
-                        .get_authorization_token()
-                        .send()
-                        .await
-                        .map_err(|e| classify("ecr-public:GetAuthorizationToken", &g.entry, e))?;
-                    let data = out.authorization_data();
-                    let token = data.and_then(|d| d.authorization_token()).map(str::to_string);
-                    (token, expiry(data.and_then(|d| d.expires_at()), now))
-                }
-            };
+            }
+            let (auth, token_end) = token(&self.base, &registry, Some(creds), &g.entry).await?;
+            // A token's expiry in the past (moto's, say) is ignored: the session bounds it.
+            let token_end = token_end.filter(|end| *end > now);
             let auth = auth.ok_or_else(|| Error::Failed {
                 call: "GetAuthorizationToken",
                 entry: g.entry.clone(),
@@ -266,35 +234,71 @@ pub async fn ambient(hosts: &[String]) -> Result<BTreeMap<String, String>, Error
     let base = environment().await;
     let mut out = BTreeMap::new();
     for host in hosts {
-        let token = match ecr::parse(host) {
-            Some(Registry::Private { region, fips, .. }) => {
-                let conf = aws_sdk_ecr::config::Builder::from(&base)
-                    .region(Region::new(region))
-                    .use_fips(fips)
-                    .build();
-                let out = aws_sdk_ecr::Client::from_conf(conf)
-                    .get_authorization_token()
-                    .send()
-                    .await
-                    .map_err(|e| classify("ecr:GetAuthorizationToken", "ambient", e))?;
-                out.authorization_data().first().and_then(|d| d.authorization_token()).map(str::to_string)
-            }
-            Some(Registry::Public) => {
-                let conf = aws_sdk_ecrpublic::config::Builder::from(&base)
-                    .region(Region::new(ecr::PUBLIC_REGION))
-                    .build();
-                let out = aws_sdk_ecrpublic::Client::from_conf(conf)
-                    .get_authorization_token()
-                    .send()
-                    .await
-                    .map_err(|e| classify("ecr-public:GetAuthorizationToken", "ambient", e))?;
-                out.authorization_data().and_then(|d| d.authorization_token()).map(str::to_string)
-            }
-            None => continue,
-        };
-        if let Some(t) = token {
+        let Some(registry) = ecr::parse(host) else { continue };
+        if let (Some(t), _) = token(&base, &registry, None, "ambient").await? {
             out.insert(host.clone(), t);
         }
     }
     Ok(out)
+}
+
+/// The ECR client of a private registry: its region, FIPS when the host or the environment asks
+/// for it, and `creds` (a build's session) instead of the environment's identity when given.
+fn private_client(
+    base: &SdkConfig,
+    registry: &Registry,
+    creds: Option<aws_credential_types::Credentials>,
+) -> aws_sdk_ecr::Client {
+    let fips = matches!(registry, Registry::Private { fips: true, .. }) || base.use_fips().unwrap_or(false);
+    let mut conf = aws_sdk_ecr::config::Builder::from(base)
+        .region(Region::new(registry.region().to_string()))
+        .use_fips(fips);
+    if let Some(c) = creds {
+        conf = conf.credentials_provider(c);
+    }
+    aws_sdk_ecr::Client::from_conf(conf.build())
+}
+
+/// A registry token (`base64(AWS:<password>)`) and when it expires, from `ecr` for a private
+/// registry or `ecr-public` in `us-east-1` for the public gallery.
+async fn token(
+    base: &SdkConfig,
+    registry: &Registry,
+    creds: Option<aws_credential_types::Credentials>,
+    entry: &str,
+) -> Result<(Option<String>, Option<Timestamp>), Error> {
+    let at = |t: Option<&aws_sdk_ecr::primitives::DateTime>| {
+        t.and_then(|t| SystemTime::try_from(*t).ok()).map(timestamp)
+    };
+    match registry {
+        Registry::Private { .. } => {
+            let out = private_client(base, registry, creds)
+                .get_authorization_token()
+                .send()
+                .await
+                .map_err(|e| classify("ecr:GetAuthorizationToken", entry, e))?;
+            let data = out.authorization_data().first();
+            Ok((
+                data.and_then(|d| d.authorization_token()).map(str::to_string),
+                at(data.and_then(|d| d.expires_at())),
+            ))
+        }
+        Registry::Public => {
+            let mut conf =
+                aws_sdk_ecrpublic::config::Builder::from(base).region(Region::new(ecr::PUBLIC_REGION));
+            if let Some(c) = creds {
+                conf = conf.credentials_provider(c);
+            }
+            let out = aws_sdk_ecrpublic::Client::from_conf(conf.build())
+                .get_authorization_token()
+                .send()
+                .await
+                .map_err(|e| classify("ecr-public:GetAuthorizationToken", entry, e))?;
+            let data = out.authorization_data();
+            Ok((
+                data.and_then(|d| d.authorization_token()).map(str::to_string),
+                at(data.and_then(|d| d.expires_at())),
+            ))
+        }
+    }
 }

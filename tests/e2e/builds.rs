@@ -177,3 +177,41 @@ impl Scenario {
         self.counter.as_ref().expect("the counter runs until the scenario ends").calls()
     }
 }
+
+impl Scenario {
+    /// Waits until ImageBuild `name` builds and its build container printed `marker`; returns
+    /// the pod.
+    pub async fn printed(&self, name: &str, marker: &str) -> String {
+        let v = self
+            .wait(name, "Building", super::scenarios::BUILD, |v| v["status"]["phase"] == "Building")
+            .await;
+        let pod = v["status"]["podName"].as_str().unwrap().to_string();
+        let what = format!("{name}: {marker:?} in the build container's log (the RUN step started)");
+        poll(&what, super::scenarios::BUILD, || async {
+            let log = self
+                .kubectl
+                .run(&["logs", &pod, "-c", "build", "-n", &self.ns], None)
+                .await
+                .unwrap_or_default();
+            log.contains(marker).then_some(())
+        })
+        .await;
+        pod
+    }
+}
+
+/// Polls `f` every 200 ms until it gives something; panics after `timeout`, naming `what`.
+pub async fn poll<T, F, Fut>(what: &str, timeout: Duration, f: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not within {timeout:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

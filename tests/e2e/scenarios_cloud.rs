@@ -16,6 +16,7 @@ use kube::api::{Api, ListParams};
 use serde_json::{Value, json};
 
 use super::apiserver::Target;
+use super::builds::poll;
 use super::common::build::busybox_image;
 use super::common::moto::Moto;
 use super::common::{Direct, Registry, RegistryAuth, docker_config};
@@ -97,8 +98,10 @@ async fn ecr_builds_with_a_minted_credential_and_every_refusal_has_its_reason(t:
     let pod_name = building["status"]["podName"].as_str().unwrap().to_string();
     let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
     let secret_name = format!("{pod_name}-registry");
-    let minted =
-        wait_for(Duration::from_secs(60), || async { secrets.get_opt(&secret_name).await.unwrap() }).await;
+    let minted = poll("the minted Secret of the build pod", Duration::from_secs(60), || async {
+        secrets.get_opt(&secret_name).await.unwrap()
+    })
+    .await;
     let pod: Pod = Api::namespaced(s.client.clone(), &s.ns).get(&pod_name).await.unwrap();
     assert_minted_secret(&minted, &pod, &password);
     assert_only_the_proxy_holds_it(&pod, &secret_name);
@@ -120,7 +123,7 @@ async fn ecr_builds_with_a_minted_credential_and_every_refusal_has_its_reason(t:
         )
         .await;
     let expired_before = minted.metadata.annotations.as_ref().unwrap()["bob.dev/expires-at"].clone();
-    let refreshed = wait_for(Duration::from_secs(60), || async {
+    let refreshed = poll("the credential minted again", Duration::from_secs(60), || async {
         let now = secrets.get_opt(&secret_name).await.unwrap()?;
         let at = now.metadata.annotations.as_ref()?.get("bob.dev/refresh-at")?.clone();
         (at != past).then_some(now)
@@ -139,7 +142,7 @@ async fn ecr_builds_with_a_minted_credential_and_every_refusal_has_its_reason(t:
     let digest = Direct::new(&ecr.host, Some(&creds)).manifest_digest(repo, tag).await;
     assert_eq!(st["output"]["digest"].as_str(), digest.as_deref(), "the registry's digest: {st:#}");
     // The credential goes with its pod; no other Secret was ever needed.
-    wait_for(Duration::from_secs(60), || async {
+    poll("the minted Secret gone after the build", Duration::from_secs(60), || async {
         secrets.get_opt(&secret_name).await.unwrap().is_none().then_some(())
     })
     .await;
@@ -210,7 +213,7 @@ async fn ecr_builds_with_a_minted_credential_and_every_refusal_has_its_reason(t:
         "data": {".dockerconfigjson": base64::engine::general_purpose::STANDARD.encode("{}")}});
     s.kubectl.ok(&["apply", "-f", "-"], Some(&forged.to_string())).await;
     let forged_api: Api<Secret> = Api::namespaced(s.client.clone(), &ns);
-    wait_for(Duration::from_secs(60), || async {
+    poll("the forged Secret deleted", Duration::from_secs(60), || async {
         match forged_api.get_opt("evil-registry").await.unwrap() {
             None => Some(()),
             Some(x) => {
@@ -238,22 +241,6 @@ async fn ecr_builds_with_a_minted_credential_and_every_refusal_has_its_reason(t:
         assert!(!text.contains(&password) && !text.contains(&token), "a credential in the {what}");
     }
     s
-}
-
-/// Polls `f` every 200 ms until it gives something; panics after `timeout`.
-async fn wait_for<T, F, Fut>(timeout: Duration, f: F) -> T
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "not within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// The minted Secret: a docker config for the ECR host alone with the token moto minted, owned by

@@ -9,6 +9,7 @@ use rustix::process::Signal;
 use serde_json::{Value, json};
 
 use super::apiserver::Target;
+use super::builds::poll;
 use super::scenario::{Options, Scenario};
 use super::scenarios::{BUILD, pod_creates};
 
@@ -112,22 +113,14 @@ async fn baseline_namespace_rejects_the_dockerfile_pod(t: Target) -> Scenario {
     assert_eq!(st["failure"]["reason"], "PodRejected", "{st:#}");
     assert!(s.pods.lock().unwrap().is_empty(), "no pod exists");
     // The Event is an effect, published right after the status write: it may trail the status.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    poll("a Warning Event PodRejected", Duration::from_secs(30), || async {
         let events: Value =
             serde_json::from_str(&s.kubectl.ok(&["get", "events", "-n", &s.ns, "-o", "json"], None).await)
                 .unwrap();
-        let warned = events["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["reason"] == "PodRejected" && e["type"] == "Warning");
-        if warned {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "a Warning Event PodRejected: {events:#}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        let items = events["items"].as_array().unwrap();
+        items.iter().any(|e| e["reason"] == "PodRejected" && e["type"] == "Warning").then_some(())
+    })
+    .await;
     s
 }
 
@@ -178,17 +171,7 @@ async fn zero_pod_quota_waits_then_times_out(t: Target) -> Scenario {
 /// Starts a build that runs until stopped; returns once its `RUN` step printed its marker.
 async fn long_build(s: &Scenario, name: &str) -> String {
     s.create(&[(name, s.dockerfile("RUN echo e2e-started && sleep 300"))]).await;
-    let v = s.wait(name, "Building", BUILD, |v| v["status"]["phase"] == "Building").await;
-    let pod = v["status"]["podName"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + BUILD;
-    loop {
-        let log = s.kubectl.run(&["logs", &pod, "-c", "build", "-n", &s.ns], None).await.unwrap_or_default();
-        if log.contains("e2e-started") {
-            return pod;
-        }
-        assert!(Instant::now() < deadline, "{name}: the RUN step did not start: {log}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    s.printed(name, "e2e-started").await
 }
 
 async fn cancel_mid_build_keeps_the_log_tail(t: Target) -> Scenario {
