@@ -1,7 +1,8 @@
 //! The layer cache's part of the plan (pure): whether an ImageBuild builds with a cache, and the
 //! one repository its build may read and write through the proxy's `cache` alias —
-//! `<repository>/<namespace>/<scope>`. The namespace is always part of it, so no spec can name
-//! another namespace's cache; the scope defaults to the ImageBuild's name, narrower than the
+//! `<repository>/<namespace>/<scope component>`. The whole scope is encoded in the last path
+//! component and the namespace is always the one before it, so no choice of repository or scope
+//! reaches another namespace's path; the scope defaults to the ImageBuild's name, narrower than the
 //! namespace where a platform runs all its users' builds (docs/security.md, "Layer cache").
 
 use std::time::Duration;
@@ -35,7 +36,8 @@ impl Default for LayerCacheConfig {
 /// The layer cache of one build.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CachePlan {
-    /// The scope's repository, `<repository>/<namespace>/<scope>`: the `cache` alias's upstream.
+    /// The scope's repository, `<repository>/<namespace>/<scope component>` (see
+    /// [`scope_component`]): the `cache` alias's upstream, and a build key input.
     pub repository: String,
     /// Whether the build reads cached steps: not under `spec.forceRebuild` (it only writes).
     pub read: bool,
@@ -72,7 +74,7 @@ pub fn plan(ib: &ImageBuild, cfg: &LayerCacheConfig) -> Result<Option<CachePlan>
         }
         None => default_scope(ib.metadata.name.as_deref().unwrap_or_default()),
     };
-    let full = format!("{repo}/{namespace}/{scope}");
+    let full = format!("{repo}/{namespace}/{}", scope_component(&scope));
     if full.len() > NAME_MAX {
         return Err(Invalid::new(
             if spec.scope.is_some() { "spec.layerCache.scope" } else { field },
@@ -81,6 +83,15 @@ pub fn plan(ib: &ImageBuild, cfg: &LayerCacheConfig) -> Result<Option<CachePlan>
     }
     repository(field, &full)?;
     Ok(Some(CachePlan { repository: full, read: !ib.spec.force_rebuild, ttl: cfg.ttl }))
+}
+
+/// The scope as one distribution path component: its components joined with `-`, then `-` and
+/// the first 16 hex digits of sha256(scope). One component, so the namespace is always the
+/// second-to-last component of the cache path whatever the spec's repository and scope (two
+/// namespaces never meet on one path); the hash keeps `a/b` and `a-b` apart.
+pub fn scope_component(scope: &str) -> String {
+    let hex: String = Sha256::digest(scope.as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("{}-{hex}", scope.replace('/', "-"))
 }
 
 /// The scope of an ImageBuild that names none: its name, which is a valid path component
@@ -148,6 +159,13 @@ mod tests {
         let s = default_scope(&long);
         assert!(is_scope(&s) && s.len() < 100 && s != default_scope(&"a".repeat(201)), "{s}");
         assert!(is_scope(&default_scope("--")), "{}", default_scope("--"));
+        // The scope component is one valid component, and distinct for `a/b` and `a-b`.
+        for scope in ["alice", "team-a/web", "a.b/c__d/e", &"x".repeat(128)] {
+            let c = scope_component(scope);
+            assert!(is_component(&c) && !c.contains('/'), "{c}");
+        }
+        assert_ne!(scope_component("a/b"), scope_component("a-b"));
+        assert!(scope_component("team-a/web").starts_with("team-a-web-"));
         assert_eq!(ttl_arg(DEFAULT_TTL), "604800s");
         for good in ["alice", "team-a/web", "a.b", "a__b", "a--b", "0"] {
             assert!(is_scope(good), "{good}");
