@@ -216,7 +216,10 @@ mod tests {
         let base = base_ref("reg.example/base", "k1");
         assert_eq!(base, "reg.example/base:k1");
         let ws = workspace_ref("reg.example/ws", &base);
-        assert_eq!(ws, format!("reg.example/ws:{}", hex(format!("reg.example/base:k1\n{FORMAT}\n").as_bytes())));
+        assert_eq!(
+            ws,
+            format!("reg.example/ws:{}", hex(format!("reg.example/base:k1\n{FORMAT}\n").as_bytes()))
+        );
         assert_ne!(workspace_tag("reg.example/base:k2"), workspace_tag(&base));
     }
 }

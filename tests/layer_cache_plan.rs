@@ -91,7 +91,10 @@ fn the_cache_comes_from_the_controller_default_or_the_spec_and_can_be_turned_off
     // The spec's repository wins over the default.
     let own = LayerCacheSpec { repository: Some("reg.test/own-cache".into()), ..Default::default() };
     let p = planned(&named("default", "inline-dockerfile", Some(own.clone())), &config(true, Some(CACHE)));
-    assert_eq!(cache_of(&p).as_deref(), Some(format!("reg.test/own-cache/default/{}", scope_component("inline-dockerfile")).as_str()));
+    assert_eq!(
+        cache_of(&p).as_deref(),
+        Some(format!("reg.test/own-cache/default/{}", scope_component("inline-dockerfile")).as_str())
+    );
 
     // Off in the spec, or off globally even where the spec names a repository.
     let off = LayerCacheSpec { disabled: true, ..Default::default() };
@@ -133,7 +136,10 @@ fn scopes_are_per_imagebuild_by_default_and_never_leave_the_namespace() {
     assert_eq!(of("users", "alice-ws", Some("alice")), of("users", "alice-tools", Some("alice")));
     assert_eq!(of("users", "x", Some("alice")), format!("{CACHE}/users/{}", scope_component("alice")));
     assert!(of("users", "x", Some("alice")).ends_with("/users/alice-2bd806c97f0e00af"));
-    assert_eq!(of("team-a", "x", Some("team-b/ws")), format!("{CACHE}/team-a/{}", scope_component("team-b/ws")));
+    assert_eq!(
+        of("team-a", "x", Some("team-b/ws")),
+        format!("{CACHE}/team-a/{}", scope_component("team-b/ws"))
+    );
     // A scope cannot climb out of its namespace or be anything but path components.
     for bad in ["../other/ws", "Alice", "a//b", "/abs"] {
         let spec = LayerCacheSpec { scope: Some(bad.into()), ..Default::default() };
@@ -179,7 +185,11 @@ fn imagebuilds_of_one_dockerfile_in_two_scopes_get_two_keys_two_images_and_two_p
     assert_ne!(off.pod.metadata.name, alice.pod.metadata.name);
     // forceRebuild writes the scope without reading it, and keeps the scope's key: the scope's
     // tag only ever holds images made from its own steps.
-    let mut forced = named("users", "alice-ws", Some(LayerCacheSpec { scope: Some("alice".into()), ..Default::default() }));
+    let mut forced = named(
+        "users",
+        "alice-ws",
+        Some(LayerCacheSpec { scope: Some("alice".into()), ..Default::default() }),
+    );
     forced.spec.force_rebuild = true;
     assert_eq!(planned(&forced, &cfg).key, alice.key);
 }
