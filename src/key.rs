@@ -68,7 +68,7 @@ pub struct BuildInputs {
     pub from_digests: BTreeMap<String, String>,
     /// Digest of a local build context's files, when bob can read them (`bob run`).
     pub context_digest: Option<String>,
-    /// The layer-cache repository (one scope, `<repository>/<namespace>/<scope>`) the build reads
+    /// The layer-cache repository (one scope, `<repository>/<namespace>/<scope>-<hash>`) the build reads
     /// and writes, when it has one: a cached step stands in for running it, so whoever filled the
     /// scope decides part of the image, and an image built with one scope's cache is never handed
     /// to a build of another scope (docs/security.md, "Layer cache").

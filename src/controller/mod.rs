@@ -127,7 +127,7 @@ pub struct ControllerArgs {
     /// Registries (host or host:port) spoken to over plain HTTP besides loopback ones.
     #[arg(long = "insecure-registry", env = "BOB_INSECURE_REGISTRIES", value_delimiter = ',')]
     pub insecure_registries: Vec<String>,
-    /// Repository below which layer caches live, `<repository>/<namespace>/<scope>`, for
+    /// Repository below which layer caches live, `<repository>/<namespace>/<scope>-<hash>`, for
     /// ImageBuilds that name none (unset: only ImageBuilds that name one have a layer cache).
     #[arg(long, env = "BOB_LAYER_CACHE_REPOSITORY")]
     pub layer_cache_repository: Option<String>,
