@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use bob::controller::cache_scope::scope_component;
+use bob::controller::cache_scope::{ScopeOrigin, scope_component};
 use common::build::*;
 use common::*;
 use serde_json::{Value, json};
@@ -98,7 +98,7 @@ fn hex(b: &[u8]) -> String {
 /// through `bob proxy`'s `cache` alias with no credentials on this side. The step keys are read
 /// from the registry (an attacker computes them as buildah does). Returns the keys replaced.
 async fn plant(fx: &Fixture, scope: &str) -> usize {
-    let cache = fx.reg.repo(&format!("cache/{NAMESPACE}/{}", scope_component(scope)));
+    let cache = fx.reg.repo(&format!("cache/{NAMESPACE}/{}", scope_component(ScopeOrigin::Spec, scope)));
     let cache_path = &cache[fx.reg.host.len() + 1..];
     let d = Direct::new(&fx.reg.host, Some(&fx.creds));
     let tags: Value = {

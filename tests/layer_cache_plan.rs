@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use bob::controller::cache_scope::ScopeOrigin::{Name, Spec};
 use bob::controller::cache_scope::scope_component;
 use bob::controller::pod::pod_name;
 use bob::controller::{LayerCacheConfig, Plan, PlanConfig, Resolved, from_images, plan};
@@ -72,7 +73,7 @@ fn the_cache_comes_from_the_controller_default_or_the_spec_and_can_be_turned_off
 
     // The controller's default: the scope is the ImageBuild's own, below its namespace.
     let p = planned(&ib, &config(true, Some(CACHE)));
-    let scope = format!("{CACHE}/default/{}", scope_component("inline-dockerfile"));
+    let scope = format!("{CACHE}/default/{}", scope_component(Name, "inline-dockerfile"));
     assert_eq!(cache_of(&p).as_deref(), Some(scope.as_str()));
     let build = env(&p.pod, "build");
     assert_eq!(
@@ -93,7 +94,7 @@ fn the_cache_comes_from_the_controller_default_or_the_spec_and_can_be_turned_off
     let p = planned(&named("default", "inline-dockerfile", Some(own.clone())), &config(true, Some(CACHE)));
     assert_eq!(
         cache_of(&p).as_deref(),
-        Some(format!("reg.test/own-cache/default/{}", scope_component("inline-dockerfile")).as_str())
+        Some(format!("reg.test/own-cache/default/{}", scope_component(Name, "inline-dockerfile")).as_str())
     );
 
     // Off in the spec, or off globally even where the spec names a repository.
@@ -129,16 +130,16 @@ fn scopes_are_per_imagebuild_by_default_and_never_leave_the_namespace() {
         cache_of(&planned(&named(ns, name, spec), &cfg)).unwrap()
     };
     // Narrower than a namespace: two ImageBuilds of one namespace have two caches.
-    assert_eq!(of("users", "alice-ws", None), format!("{CACHE}/users/{}", scope_component("alice-ws")));
+    assert_eq!(of("users", "alice-ws", None), format!("{CACHE}/users/{}", scope_component(Name, "alice-ws")));
     assert_ne!(of("users", "alice-ws", None), of("users", "bob-ws", None));
     assert_ne!(of("team-a", "ws", None), of("team-b", "ws", None));
     // A platform's scope shares one cache between ImageBuilds, within the namespace only.
     assert_eq!(of("users", "alice-ws", Some("alice")), of("users", "alice-tools", Some("alice")));
-    assert_eq!(of("users", "x", Some("alice")), format!("{CACHE}/users/{}", scope_component("alice")));
-    assert!(of("users", "x", Some("alice")).ends_with("/users/alice-2bd806c97f0e00af"));
+    assert_eq!(of("users", "x", Some("alice")), format!("{CACHE}/users/{}", scope_component(Spec, "alice")));
+    assert!(of("users", "x", Some("alice")).ends_with("/users/alice-aef80756afa0019a"));
     assert_eq!(
         of("team-a", "x", Some("team-b/ws")),
-        format!("{CACHE}/team-a/{}", scope_component("team-b/ws"))
+        format!("{CACHE}/team-a/{}", scope_component(Spec, "team-b/ws"))
     );
     // A scope cannot climb out of its namespace or be anything but path components.
     for bad in ["../other/ws", "Alice", "a//b", "/abs"] {
@@ -234,4 +235,66 @@ fn the_namespace_is_always_the_second_to_last_component_of_the_cache_path() {
         }
     }
     assert_eq!(seen.len(), namespaces.len() * repos.len() * scopes.len());
+}
+
+#[test]
+fn an_imagebuild_named_like_a_scope_is_not_in_that_scope() {
+    // The platform sets `scope: alice` for user alice; mallory names her ImageBuild `alice` and
+    // sets no scope (an admission policy may forbid setting one): two scopes, two keys.
+    let cfg = config(true, Some(CACHE));
+    let platform = LayerCacheSpec { scope: Some("alice".into()), ..Default::default() };
+    let alice = planned(&named("users", "alice-ws", Some(platform)), &cfg);
+    let squatter = planned(&named("users", "alice", None), &cfg);
+    assert_ne!(cache_of(&alice), cache_of(&squatter));
+    assert_ne!(alice.key, squatter.key);
+    assert_ne!(alice.pod.metadata.name, squatter.pod.metadata.name);
+}
+
+#[test]
+fn a_cache_path_too_long_for_a_registry_says_what_to_shorten() {
+    let long_root = format!("{CACHE}/{}", "r".repeat(120));
+    let scope = LayerCacheSpec { scope: Some("s".repeat(120)), ..Default::default() };
+    let ib = named("users", "x", Some(scope));
+    let e = plan(&ib, &resolved(&ib), &config(true, Some(&long_root))).unwrap_err();
+    assert_eq!(e.field, "spec.layerCache.scope", "{e}");
+    assert!(e.message.contains("255") && e.message.contains("spec.layerCache.disabled"), "{e}");
+    // With the default scope (the name, cut to 60 characters and a hash) the message says a
+    // scope can be set.
+    let longer_root = format!("{CACHE}/{}", "r".repeat(170));
+    let ib = named("users", &"n".repeat(120), None);
+    let e = plan(&ib, &resolved(&ib), &config(true, Some(&longer_root))).unwrap_err();
+    assert_eq!(e.field, "--layer-cache-repository", "{e}");
+    assert!(e.message.contains("set a short spec.layerCache.scope"), "{e}");
+}
+
+#[test]
+fn nothing_a_build_reads_or_writes_may_sit_inside_a_layer_cache_repository() {
+    // Around the `cache` alias: a `FROM` of another scope's cached step would be served by the
+    // proxy's mirror with the Secret's credentials; a base or workspace repository there would
+    // write next to another scope's steps. Refused for the installation's root whether or not
+    // the ImageBuild uses the cache, and for the spec's own root.
+    let cfg = config(true, Some(CACHE));
+    let other_scope = format!("{CACHE}/users/{}", scope_component(Spec, "bob"));
+    let step = format!("{other_scope}:{}", "a".repeat(64));
+    let mut from_cache = named("users", "x", Some(LayerCacheSpec { disabled: true, ..Default::default() }));
+    from_cache.spec.source.dockerfile.as_mut().unwrap().inline = Some(format!("FROM {step}\nRUN true\n"));
+    let e = plan(&from_cache, &resolved(&from_cache), &cfg).unwrap_err();
+    assert_eq!(e.field, "spec.source.dockerfile", "{e}");
+    assert!(e.message.contains("inside the layer cache repository"), "{e}");
+
+    let mut base_in_cache = named("users", "x", None);
+    base_in_cache.spec.base_image_repository = Some(other_scope.clone());
+    let e = plan(&base_in_cache, &resolved(&base_in_cache), &cfg).unwrap_err();
+    assert_eq!(e.field, "spec.baseImageRepository", "{e}");
+
+    let mut image = sample("image-source.yaml");
+    image.spec.source.image.as_mut().unwrap().reference = step.clone();
+    image.spec.layer_cache = Some(LayerCacheSpec { repository: Some(CACHE.into()), ..Default::default() });
+    let e = plan(&image, &resolved(&image), &PlanConfig::default()).unwrap_err();
+    assert_eq!(e.field, "spec.source.image.ref", "{e}");
+
+    // A sibling repository whose name merely starts like the root is outside it.
+    let mut sibling = named("users", "x", None);
+    sibling.spec.workspace_image_repository = format!("{CACHE}-workspaces/images");
+    assert!(plan(&sibling, &resolved(&sibling), &cfg).is_ok());
 }

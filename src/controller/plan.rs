@@ -241,6 +241,13 @@ pub fn plan(ib: &ImageBuild, resolved: &Resolved, cfg: &PlanConfig) -> Result<Pl
         i.layer_cache = layer_cache.as_ref().map(|c| c.repository.clone());
         i
     });
+    let mut named: Vec<(&str, &str)> =
+        vec![("spec.workspaceImageRepository", &spec.workspace_image_repository)];
+    named.extend(spec.base_image_repository.as_deref().map(|r| ("spec.baseImageRepository", r)));
+    named.extend(spec.source.image.as_ref().map(|i| ("spec.source.image.ref", i.reference.as_str())));
+    let froms = inputs.iter().flat_map(|i| i.from_digests.keys());
+    named.extend(froms.map(|image| ("spec.source.dockerfile", image.as_str())));
+    super::cache_scope::check_outside(ib, &cfg.layer_cache, &named)?;
     let (key, base_ref) = match (&spec.source.image, &inputs) {
         (Some(image), None) => {
             let r = parse_ref("spec.source.image.ref", &image.reference)?;

@@ -11,7 +11,7 @@ use super::apiserver::Target;
 use super::common::Direct;
 use super::common::build::file_in_image;
 use super::scenario::{Options, Scenario};
-use bob::controller::cache_scope::scope_component;
+use bob::controller::cache_scope::{ScopeOrigin, scope_component};
 
 /// Longest a build may take here (a busybox build takes seconds; CI's machine is shared).
 pub const BUILD: Duration = Duration::from_secs(240);
@@ -165,7 +165,7 @@ async fn one_dockerfile_in_two_cache_scopes_builds_twice_on_two_pods(t: Target) 
     assert_eq!(pod_creates(&s), 2, "the controller created two pods");
     // Each build wrote its own scope's cache: `<repos>/cache/<namespace>/<scope>-<hash>`.
     for (scope, st) in [("alice", &alice), ("mallory", &mallory)] {
-        let repo = format!("{}/cache/{}/{}", s.repos, s.ns, scope_component(scope));
+        let repo = format!("{}/cache/{}/{}", s.repos, s.ns, scope_component(ScopeOrigin::Spec, scope));
         let path = repo.strip_prefix(&format!("{}/", s.registry_host)).unwrap();
         let url = format!("http://{}/v2/{path}/tags/list", s.registry_host);
         let tags: Value = reqwest::Client::new()
