@@ -8,6 +8,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 
 pub use super::cache_scope::{CachePlan, LayerCacheConfig};
+use super::placement::Placement;
 use crate::build::Isolation;
 use crate::build::dockerfile::Dockerfile;
 use crate::crd::ImageBuild;
@@ -74,6 +75,8 @@ pub struct PlanConfig {
     pub build_timeout: Duration,
     /// The build container's privileges.
     pub security: BuildSecurity,
+    /// Where build pods may go and which namespaces get the near-root modes (`placement.rs`).
+    pub placement: Placement,
     /// Isolation of `RUN` steps.
     pub isolation: Isolation,
     /// Registries the proxy speaks plain HTTP to besides loopback ones (in-cluster registries).
@@ -89,6 +92,7 @@ impl Default for PlanConfig {
             proxy_port: 8080,
             build_timeout: Duration::from_secs(3600),
             security: BuildSecurity::UserNamespace,
+            placement: Placement::default(),
             isolation: Isolation::Chroot,
             insecure_registries: Vec::new(),
             layer_cache: LayerCacheConfig::default(),
