@@ -47,16 +47,7 @@ fn imagebuild(fx: &Fixture, name: &str, scope: &str, prefix: &str) -> String {
 
 /// `bob run -f` on `yaml`; the output and the printed status.
 fn bob_run(dir: &Path, name: &str, yaml: &str) -> (Output, Value) {
-    let file = write_file(dir, &format!("{name}.yaml"), yaml);
-    let out = Command::new(env!("CARGO_BIN_EXE_bob"))
-        .args(["run", "-f"])
-        .arg(&file)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", dir)
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap();
+    let out = run_file(dir, name, yaml);
     let doc: Value = serde_saphyr::from_str(&text(&out.stdout))
         .unwrap_or_else(|e| panic!("status YAML: {e}\n{}\n{}", text(&out.stdout), text(&out.stderr)));
     assert!(out.status.success(), "{:#}\n{}", doc["status"], text(&out.stderr));

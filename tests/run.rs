@@ -11,20 +11,6 @@ use common::build::*;
 use common::*;
 use serde_json::Value;
 
-/// Runs `bob run -f` on `yaml` (written to `dir/<name>.yaml`); returns its output.
-fn run_file(dir: &Path, name: &str, yaml: &str) -> Output {
-    let file = write_file(dir, &format!("{name}.yaml"), yaml);
-    Command::new(env!("CARGO_BIN_EXE_bob"))
-        .args(["run", "-f"])
-        .arg(&file)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", dir)
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap()
-}
-
 /// Runs `bob run -f` on `yaml`; returns the output and the printed status.
 fn bob_run(fx: &Fixture, name: &str, yaml: &str) -> (Output, Value) {
     let out = run_file(fx.dir.path(), name, yaml);

@@ -119,6 +119,21 @@ pub fn imagebuild_yaml(fx: &Fixture, name: &str, source: &str) -> String {
     )
 }
 
+/// Runs `bob run -f` on `yaml` (written to `dir/<name>.yaml`) with a clean environment whose
+/// HOME is `dir`; returns its output.
+pub fn run_file(dir: &Path, name: &str, yaml: &str) -> Output {
+    let file = write_file(dir, &format!("{name}.yaml"), yaml);
+    Command::new(env!("CARGO_BIN_EXE_bob"))
+        .args(["run", "-f"])
+        .arg(&file)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", dir)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap()
+}
+
 /// Runs `bob build` with only the build pod's variables (no credentials), plus `extra`.
 pub fn bob_build(
     proxy_addr: &str,
