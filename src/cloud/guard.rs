@@ -161,10 +161,10 @@ pub fn identity_leaks(pod: &Pod) -> Vec<String> {
         }
         leaks.extend(env_from_leaks(c));
         for m in c.volume_mounts.iter().flatten() {
-            if let Some(v) = volumes.iter().find(|v| v.name == m.name) {
-                if let Some(route) = volume_route(v) {
-                    leaks.push(format!("container {} mounts {route}", c.name));
-                }
+            if let Some(v) = volumes.iter().find(|v| v.name == m.name)
+                && let Some(route) = volume_route(v)
+            {
+                leaks.push(format!("container {} mounts {route}", c.name));
             }
             if m.mount_path.split('/').any(|part| part == AWS_CONFIG_DIR) {
                 leaks.push(format!(
