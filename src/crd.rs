@@ -179,7 +179,7 @@ pub const SCOPE_RE: &str =
     r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$";
 
 /// The layer cache (docs/build.md, "Layer cache"). Each scope is its own repository,
-/// `<repository>/<namespace>/<scope>`: a build reads and writes only its scope's, through the
+/// `<repository>/<namespace>/<scope>-<hash>`: a build reads and writes only its scope's, through the
 /// proxy. The cache makes builds faster; it never decides that one is unnecessary, and a cache
 /// that cannot be used never fails a build.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]

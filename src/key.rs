@@ -9,8 +9,10 @@ use sha2::{Digest, Sha256};
 
 use crate::oci::manifest::is_sha256;
 
-/// Version of the key encoding and of the build process; bumping it rebuilds every image.
-pub const FORMAT: u32 = 1;
+/// Version of the key encoding and of the build process; bumping it rebuilds every image. 2: the
+/// layer-cache scope a build reads is an input (docs/cache-key.md): images built with a cache read
+/// under format 1 may hold another scope's planted steps and must not be reused.
+pub const FORMAT: u32 = 2;
 
 /// Why inputs cannot be keyed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -66,6 +68,11 @@ pub struct BuildInputs {
     pub from_digests: BTreeMap<String, String>,
     /// Digest of a local build context's files, when bob can read them (`bob run`).
     pub context_digest: Option<String>,
+    /// The layer-cache repository (one scope, `<repository>/<namespace>/<scope>-<hash>`) the build reads
+    /// and writes, when it has one: a cached step stands in for running it, so whoever filled the
+    /// scope decides part of the image, and an image built with one scope's cache is never handed
+    /// to a build of another scope (docs/security.md, "Layer cache").
+    pub layer_cache: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -86,6 +93,7 @@ impl BuildInputs {
             target: None,
             from_digests: BTreeMap::new(),
             context_digest: None,
+            layer_cache: None,
         }
     }
 
@@ -145,11 +153,11 @@ mod tests {
     fn the_encoding_and_key_are_pinned() {
         let i = sample();
         let expected = format!(
-            r#"{{"format":1,"source":{{"inline":{{"dockerfile":"FROM busybox:1.36\nRUN echo hi\n"}}}},"dockerfilePath":"Dockerfile","contextPath":".","buildArgs":{{}},"target":null,"fromDigests":{{"busybox:1.36":"{D1}"}},"contextDigest":null}}"#
+            r#"{{"format":2,"source":{{"inline":{{"dockerfile":"FROM busybox:1.36\nRUN echo hi\n"}}}},"dockerfilePath":"Dockerfile","contextPath":".","buildArgs":{{}},"target":null,"fromDigests":{{"busybox:1.36":"{D1}"}},"contextDigest":null,"layerCache":null}}"#
         );
         assert_eq!(String::from_utf8(i.canonical().unwrap()).unwrap(), expected);
         // Same as `printf '%s' "$expected" | sha256sum`; a change here invalidates every cache.
-        assert_eq!(i.key().unwrap(), "e485d2b3cbc3a2514f8e3b09ce51f540cbdd376b7aa57141ccd146cc561ae012");
+        assert_eq!(i.key().unwrap(), "55a3bdc0187b3afd518d28e3a3a2cc0251ca96ec0ebc363cb4434a72580fee07");
     }
 
     #[test]
@@ -174,6 +182,8 @@ mod tests {
             changed(&|i| i.dockerfile_path = "sub/Dockerfile".into()),
             changed(&|i| i.context_path = "sub".into()),
             changed(&|i| i.context_digest = Some(D2.into())),
+            changed(&|i| i.layer_cache = Some("reg.example/cache/users/alice-0123456789abcdef".into())),
+            changed(&|i| i.layer_cache = Some("reg.example/cache/users/mallory-0123456789abcdef".into())),
             changed(&|i| i.source = DockerfileSource::Git { commit: "a".repeat(40) }),
         ];
         let mut all: Vec<&String> = variants.iter().collect();
@@ -206,7 +216,10 @@ mod tests {
         let base = base_ref("reg.example/base", "k1");
         assert_eq!(base, "reg.example/base:k1");
         let ws = workspace_ref("reg.example/ws", &base);
-        assert_eq!(ws, format!("reg.example/ws:{}", hex(b"reg.example/base:k1\n1\n")));
+        assert_eq!(
+            ws,
+            format!("reg.example/ws:{}", hex(format!("reg.example/base:k1\n{FORMAT}\n").as_bytes()))
+        );
         assert_ne!(workspace_tag("reg.example/base:k2"), workspace_tag(&base));
     }
 }

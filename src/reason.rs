@@ -69,6 +69,11 @@ pub enum Reason {
     /// The API server refused the build pod for good (Pod Security admission, an admission
     /// webhook, an invalid pod): change the namespace's policy or the ImageBuild.
     PodRejected,
+    /// The installation's policy forbids what the ImageBuild asks for: a node selector or
+    /// toleration not on the operator's allow-list, or a Dockerfile build in a namespace that may
+    /// not use the installation's privileged build mode. Final for the generation: the ImageBuild
+    /// asks for less, or the operator widens the policy and the ImageBuild is edited.
+    PolicyDenied,
     /// A ResourceQuota has no room for the build pod yet: it waits until the queue time limit.
     QuotaExceeded,
     /// A call to the Kubernetes API failed (RBAC, an unavailable API server): retried with
@@ -99,7 +104,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for documentation and exhaustive tests.
-    pub const ALL: [Reason; 37] = [
+    pub const ALL: [Reason; 38] = [
         Reason::Built,
         Reason::CacheHit,
         Reason::InvalidSpec,
@@ -125,6 +130,7 @@ impl Reason {
         Reason::RepositoryNotFound,
         Reason::NetworkPolicyMissing,
         Reason::PodRejected,
+        Reason::PolicyDenied,
         Reason::QuotaExceeded,
         Reason::ApiUnavailable,
         Reason::Unschedulable,
@@ -167,6 +173,7 @@ impl Reason {
             Reason::RepositoryNotFound => "RepositoryNotFound",
             Reason::NetworkPolicyMissing => "NetworkPolicyMissing",
             Reason::PodRejected => "PodRejected",
+            Reason::PolicyDenied => "PolicyDenied",
             Reason::QuotaExceeded => "QuotaExceeded",
             Reason::ApiUnavailable => "ApiUnavailable",
             Reason::Unschedulable => "Unschedulable",
@@ -196,6 +203,7 @@ impl Reason {
                 | Reason::RepositoryNotFound
                 | Reason::NetworkPolicyMissing
                 | Reason::PodRejected
+                | Reason::PolicyDenied
                 | Reason::SourceFetchFailed
                 | Reason::InvalidConfig
                 | Reason::DockerfileNotFound

@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 
+use bob::controller::cache_scope::ScopeOrigin::{Name, Spec};
+use bob::controller::cache_scope::scope_component;
 use bob::controller::pod::pod_name;
 use bob::controller::{LayerCacheConfig, Plan, PlanConfig, Resolved, from_images, plan};
 use bob::crd::{ImageBuild, LayerCacheSpec};
@@ -71,7 +73,7 @@ fn the_cache_comes_from_the_controller_default_or_the_spec_and_can_be_turned_off
 
     // The controller's default: the scope is the ImageBuild's own, below its namespace.
     let p = planned(&ib, &config(true, Some(CACHE)));
-    let scope = format!("{CACHE}/default/inline-dockerfile");
+    let scope = format!("{CACHE}/default/{}", scope_component(Name, "inline-dockerfile"));
     assert_eq!(cache_of(&p).as_deref(), Some(scope.as_str()));
     let build = env(&p.pod, "build");
     assert_eq!(
@@ -90,7 +92,10 @@ fn the_cache_comes_from_the_controller_default_or_the_spec_and_can_be_turned_off
     // The spec's repository wins over the default.
     let own = LayerCacheSpec { repository: Some("reg.test/own-cache".into()), ..Default::default() };
     let p = planned(&named("default", "inline-dockerfile", Some(own.clone())), &config(true, Some(CACHE)));
-    assert_eq!(cache_of(&p).as_deref(), Some("reg.test/own-cache/default/inline-dockerfile"));
+    assert_eq!(
+        cache_of(&p).as_deref(),
+        Some(format!("reg.test/own-cache/default/{}", scope_component(Name, "inline-dockerfile")).as_str())
+    );
 
     // Off in the spec, or off globally even where the spec names a repository.
     let off = LayerCacheSpec { disabled: true, ..Default::default() };
@@ -125,13 +130,17 @@ fn scopes_are_per_imagebuild_by_default_and_never_leave_the_namespace() {
         cache_of(&planned(&named(ns, name, spec), &cfg)).unwrap()
     };
     // Narrower than a namespace: two ImageBuilds of one namespace have two caches.
-    assert_eq!(of("users", "alice-ws", None), format!("{CACHE}/users/alice-ws"));
+    assert_eq!(of("users", "alice-ws", None), format!("{CACHE}/users/{}", scope_component(Name, "alice-ws")));
     assert_ne!(of("users", "alice-ws", None), of("users", "bob-ws", None));
     assert_ne!(of("team-a", "ws", None), of("team-b", "ws", None));
     // A platform's scope shares one cache between ImageBuilds, within the namespace only.
     assert_eq!(of("users", "alice-ws", Some("alice")), of("users", "alice-tools", Some("alice")));
-    assert_eq!(of("users", "x", Some("alice")), format!("{CACHE}/users/alice"));
-    assert_eq!(of("team-a", "x", Some("team-b/ws")), format!("{CACHE}/team-a/team-b/ws"));
+    assert_eq!(of("users", "x", Some("alice")), format!("{CACHE}/users/{}", scope_component(Spec, "alice")));
+    assert!(of("users", "x", Some("alice")).ends_with("/users/alice-aef80756afa0019a"));
+    assert_eq!(
+        of("team-a", "x", Some("team-b/ws")),
+        format!("{CACHE}/team-a/{}", scope_component(Spec, "team-b/ws"))
+    );
     // A scope cannot climb out of its namespace or be anything but path components.
     for bad in ["../other/ws", "Alice", "a//b", "/abs"] {
         let spec = LayerCacheSpec { scope: Some(bad.into()), ..Default::default() };
@@ -147,19 +156,145 @@ fn scopes_are_per_imagebuild_by_default_and_never_leave_the_namespace() {
 }
 
 #[test]
-fn imagebuilds_of_one_key_share_one_build_pod_whatever_their_scopes() {
-    // The same Dockerfile (the same key, the same workspace image) in two scopes: one build, as
-    // without a cache. Its image is both ImageBuilds' image anyway (a cache hit would hand the
-    // first one's to the second); the build uses the cache scope of the one that started it.
+fn imagebuilds_of_one_dockerfile_in_two_scopes_get_two_keys_two_images_and_two_pods() {
+    // The same Dockerfile in scopes `alice` and `mallory`: a build that reads mallory's cache may
+    // hold steps mallory planted, so nothing it made is alice's — not the base, not the workspace
+    // image, not the pod (issue 21).
     let cfg = config(true, Some(CACHE));
-    let alice = planned(&named("users", "alice-ws", None), &cfg);
-    let bob = planned(&named("users", "bob-ws", None), &cfg);
-    assert_eq!(alice.workspace_ref, bob.workspace_ref);
-    assert_ne!(cache_of(&alice), cache_of(&bob));
-    assert_eq!(alice.pod.metadata.name, bob.pod.metadata.name);
-    let off = planned(&named("users", "alice-ws", None), &PlanConfig::default());
-    assert_eq!(alice.pod.metadata.name, off.pod.metadata.name, "the cache does not change the pod's name");
+    let scoped = |name: &str, scope: &str| {
+        let spec = LayerCacheSpec { scope: Some(scope.into()), ..Default::default() };
+        planned(&named("users", name, Some(spec)), &cfg)
+    };
+    let alice = scoped("alice-ws", "alice");
+    let mallory = scoped("mallory-ws", "mallory");
+    assert_ne!(alice.key, mallory.key);
+    assert_ne!(alice.base_ref, mallory.base_ref);
+    assert_ne!(alice.workspace_ref, mallory.workspace_ref);
+    assert_ne!(alice.pod.metadata.name, mallory.pod.metadata.name);
+    assert_eq!(alice.inputs.as_ref().unwrap().layer_cache, cache_of(&alice), "the scope is a key input");
+    // Within one scope they still share everything: a second ImageBuild of alice's is a hit.
+    let alice_tools = scoped("alice-tools", "alice");
+    assert_eq!((&alice.key, &alice.workspace_ref), (&alice_tools.key, &alice_tools.workspace_ref));
+    assert_eq!(alice.pod.metadata.name, alice_tools.pod.metadata.name);
     let ib = named("users", "alice-ws", None);
     let secret = ib.spec.registry_auth.as_ref().map(|a| a.secret_ref.name.as_str());
-    assert_eq!(alice.pod.metadata.name.unwrap(), pod_name(secret, &alice.workspace_ref, 1));
+    assert_eq!(alice.pod.metadata.name.clone().unwrap(), pod_name(secret, &alice.workspace_ref, 1));
+    // A build without a cache reads no scope: its image is nobody's steps but its own.
+    let off = planned(&named("users", "alice-ws", None), &PlanConfig::default());
+    assert_eq!(off.inputs.as_ref().unwrap().layer_cache, None);
+    assert_ne!(off.key, alice.key);
+    assert_ne!(off.pod.metadata.name, alice.pod.metadata.name);
+    // forceRebuild writes the scope without reading it, and keeps the scope's key: the scope's
+    // tag only ever holds images made from its own steps.
+    let mut forced = named(
+        "users",
+        "alice-ws",
+        Some(LayerCacheSpec { scope: Some("alice".into()), ..Default::default() }),
+    );
+    forced.spec.force_rebuild = true;
+    assert_eq!(planned(&forced, &cfg).key, alice.key);
+}
+
+#[test]
+fn the_namespace_is_always_the_second_to_last_component_of_the_cache_path() {
+    // The issue's walk-around: namespace `dev` naming `<cache>/prod` as its repository and `web`
+    // as its scope must not reach namespace `prod`'s scope `dev/web`.
+    let cfg = config(true, None);
+    let path = |ns: &str, repo: &str, scope: &str| {
+        let spec =
+            LayerCacheSpec { repository: Some(repo.into()), scope: Some(scope.into()), ..Default::default() };
+        cache_of(&planned(&named(ns, "x", Some(spec)), &cfg)).unwrap()
+    };
+    let dev = path("dev", &format!("{CACHE}/prod"), "web");
+    let prod = path("prod", CACHE, "dev/web");
+    assert_ne!(dev, prod);
+    let components = |p: &str| p.rsplit('/').map(String::from).collect::<Vec<_>>();
+    assert_eq!(components(&dev)[1], "dev");
+    assert_eq!(components(&prod)[1], "prod");
+
+    // Every (namespace, repository, scope) triple of a small universe that authors could choose:
+    // no two with different namespaces share a path, and the namespace reads back from the path.
+    let namespaces = ["dev", "prod", "team-a", "a"];
+    let repos: Vec<String> = ["", "/prod", "/dev", "/prod/dev", "/a", "/team-a/web"]
+        .iter()
+        .map(|suffix| format!("{CACHE}{suffix}"))
+        .collect();
+    let scopes = ["web", "dev/web", "prod/web", "prod", "dev", "a/b", "a-b", "web/dev", "team-a/web"];
+    let mut seen: BTreeMap<String, (String, String, String)> = BTreeMap::new();
+    for ns in namespaces {
+        for repo in &repos {
+            for scope in scopes {
+                let p = path(ns, repo, scope);
+                assert_eq!(components(&p)[1], ns, "{p}");
+                assert!(bob::oci::reference::parse(&p).is_ok(), "{p}");
+                let triple = (ns.to_string(), repo.clone(), scope.to_string());
+                if let Some(other) = seen.insert(p.clone(), triple.clone()) {
+                    panic!("{other:?} and {triple:?} share the cache path {p}");
+                }
+            }
+        }
+    }
+    assert_eq!(seen.len(), namespaces.len() * repos.len() * scopes.len());
+}
+
+#[test]
+fn an_imagebuild_named_like_a_scope_is_not_in_that_scope() {
+    // The platform sets `scope: alice` for user alice; mallory names her ImageBuild `alice` and
+    // sets no scope (an admission policy may forbid setting one): two scopes, two keys.
+    let cfg = config(true, Some(CACHE));
+    let platform = LayerCacheSpec { scope: Some("alice".into()), ..Default::default() };
+    let alice = planned(&named("users", "alice-ws", Some(platform)), &cfg);
+    let squatter = planned(&named("users", "alice", None), &cfg);
+    assert_ne!(cache_of(&alice), cache_of(&squatter));
+    assert_ne!(alice.key, squatter.key);
+    assert_ne!(alice.pod.metadata.name, squatter.pod.metadata.name);
+}
+
+#[test]
+fn a_cache_path_too_long_for_a_registry_says_what_to_shorten() {
+    let long_root = format!("{CACHE}/{}", "r".repeat(120));
+    let scope = LayerCacheSpec { scope: Some("s".repeat(120)), ..Default::default() };
+    let ib = named("users", "x", Some(scope));
+    let e = plan(&ib, &resolved(&ib), &config(true, Some(&long_root))).unwrap_err();
+    assert_eq!(e.field, "spec.layerCache.scope", "{e}");
+    assert!(e.message.contains("255") && e.message.contains("spec.layerCache.disabled"), "{e}");
+    // With the default scope (the name, cut to 60 characters and a hash) the message says a
+    // scope can be set.
+    let longer_root = format!("{CACHE}/{}", "r".repeat(170));
+    let ib = named("users", &"n".repeat(120), None);
+    let e = plan(&ib, &resolved(&ib), &config(true, Some(&longer_root))).unwrap_err();
+    assert_eq!(e.field, "--layer-cache-repository", "{e}");
+    assert!(e.message.contains("set a short spec.layerCache.scope"), "{e}");
+}
+
+#[test]
+fn nothing_a_build_reads_or_writes_may_sit_inside_a_layer_cache_repository() {
+    // Around the `cache` alias: a `FROM` of another scope's cached step would be served by the
+    // proxy's mirror with the Secret's credentials; a base or workspace repository there would
+    // write next to another scope's steps. Refused for the installation's root whether or not
+    // the ImageBuild uses the cache, and for the spec's own root.
+    let cfg = config(true, Some(CACHE));
+    let other_scope = format!("{CACHE}/users/{}", scope_component(Spec, "bob"));
+    let step = format!("{other_scope}:{}", "a".repeat(64));
+    let mut from_cache = named("users", "x", Some(LayerCacheSpec { disabled: true, ..Default::default() }));
+    from_cache.spec.source.dockerfile.as_mut().unwrap().inline = Some(format!("FROM {step}\nRUN true\n"));
+    let e = plan(&from_cache, &resolved(&from_cache), &cfg).unwrap_err();
+    assert_eq!(e.field, "spec.source.dockerfile", "{e}");
+    assert!(e.message.contains("inside the layer cache repository"), "{e}");
+
+    let mut base_in_cache = named("users", "x", None);
+    base_in_cache.spec.base_image_repository = Some(other_scope.clone());
+    let e = plan(&base_in_cache, &resolved(&base_in_cache), &cfg).unwrap_err();
+    assert_eq!(e.field, "spec.baseImageRepository", "{e}");
+
+    let mut image = sample("image-source.yaml");
+    image.spec.source.image.as_mut().unwrap().reference = step.clone();
+    image.spec.layer_cache = Some(LayerCacheSpec { repository: Some(CACHE.into()), ..Default::default() });
+    let e = plan(&image, &resolved(&image), &PlanConfig::default()).unwrap_err();
+    assert_eq!(e.field, "spec.source.image.ref", "{e}");
+
+    // A sibling repository whose name merely starts like the root is outside it.
+    let mut sibling = named("users", "x", None);
+    sibling.spec.workspace_image_repository = format!("{CACHE}-workspaces/images");
+    assert!(plan(&sibling, &resolved(&sibling), &cfg).is_ok());
 }

@@ -356,3 +356,72 @@ fn every_shipped_duration_parses_with_the_one_grammar() {
             .unwrap();
     assert_eq!(schema["definitions"]["duration"]["allOf"][0]["pattern"], bob::duration::DURATION_RE);
 }
+
+/// The controller container of the chart rendered by Helm's engine (`scripts/render-chart`, from
+/// the `.venv` that `.ci/run` makes) with `values` over the defaults.
+fn rendered_controller(values: &Value) -> Value {
+    let out = Command::new(root().join("scripts/render-chart"))
+        .args(["--set-json", &values.to_string()])
+        .output()
+        .expect("scripts/render-chart runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let docs = yaml_docs(&String::from_utf8(out.stdout).unwrap());
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").expect("a Deployment");
+    deployment["spec"]["template"]["spec"]["containers"][0].clone()
+}
+
+/// The placement `bob controller` reads from the rendered container's environment: each variable
+/// of a placement or build-mode flag passed as that flag (the rest keep their defaults).
+fn placement_of(
+    container: &Value,
+) -> (bob::controller::BuildSecurity, bob::controller::placement::Placement) {
+    use clap::{CommandFactory, Parser};
+    let cli = bob::cli::Cli::command();
+    let sub = cli.find_subcommand("controller").unwrap();
+    let mut argv = vec!["bob".to_string(), "controller".to_string()];
+    for e in container["env"].as_array().unwrap() {
+        let name = e["name"].as_str().unwrap();
+        if !(name.starts_with("BOB_ALLOWED_") || name.starts_with("BOB_BUILD_SECURITY")) {
+            continue;
+        }
+        let arg = sub.get_arguments().find(|a| a.get_env().is_some_and(|v| v == name));
+        let arg = arg.unwrap_or_else(|| panic!("the chart sets {name}, which no flag reads"));
+        argv.push(format!("--{}={}", arg.get_long().unwrap(), e["value"].as_str().unwrap()));
+    }
+    let parsed = bob::cli::Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    let bob::cli::Command::Controller(a) = parsed.command else { unreachable!() };
+    let p = bob::controller::placement::Placement::new(
+        &a.allowed_node_selectors,
+        &a.allowed_tolerations,
+        &a.build_security_namespaces,
+    );
+    (a.security, p)
+}
+
+#[test]
+fn the_charts_placement_values_reach_the_controller_and_default_to_nothing_allowed() {
+    use bob::controller::BuildSecurity;
+    use bob::controller::placement::Placement;
+    let (security, defaults) = placement_of(&rendered_controller(&serde_json::json!({})));
+    let want =
+        Placement { node_selectors: vec![], tolerations: vec![], security_namespaces: vec!["*".into()] };
+    assert_eq!((security, defaults), (BuildSecurity::UserNamespace, want));
+    let values = serde_json::json!({"controller": {
+        "buildSecurity": "privileged",
+        "buildSecurityNamespaces": ["builds", "ci"],
+        "placement": {
+            "allowedNodeSelectors": ["kubernetes.io/arch", "pool=builds"],
+            "allowedTolerations": ["builds:NoSchedule", "dedicated=builds:NoExecute"]
+        }
+    }});
+    let (security, set) = placement_of(&rendered_controller(&values));
+    let want = Placement {
+        node_selectors: vec!["kubernetes.io/arch".parse().unwrap(), "pool=builds".parse().unwrap()],
+        tolerations: vec![
+            "builds:NoSchedule".parse().unwrap(),
+            "dedicated=builds:NoExecute".parse().unwrap(),
+        ],
+        security_namespaces: vec!["builds".into(), "ci".into()],
+    };
+    assert_eq!((security, set), (BuildSecurity::Privileged, want));
+}

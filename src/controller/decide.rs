@@ -72,6 +72,10 @@ fn start(ib: &ImageBuild, old: ImageBuildStatus, attempt: u32, seen: &Observed, 
         log_refs: if same_generation { old.log_refs.clone() } else { Vec::new() },
         ..Default::default()
     };
+    if let Err(refused) = cfg.plan.placement.check(ib, cfg.plan.security) {
+        // Before any Secret or registry is read: a build the installation forbids costs nothing.
+        return Step::Act(finish(status::failed_with(s, Reason::PolicyDenied, refused.to_string(), now)));
+    }
     let access = match &seen.credentials {
         None => return Step::Observe(Need::Credentials),
         Some(Err(f)) => return Step::Act(wait(ib, &old, s, f.clone(), now, cfg)),

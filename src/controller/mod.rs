@@ -11,6 +11,7 @@ pub mod engine;
 pub mod ha;
 pub mod logship;
 pub mod metrics;
+pub mod placement;
 pub mod plan;
 pub mod pod;
 pub mod policy;
@@ -115,6 +116,20 @@ pub struct ControllerArgs {
     /// Privileges of the build container: user-namespace, capabilities or privileged.
     #[arg(long, env = "BOB_BUILD_SECURITY", value_enum, default_value = "user-namespace")]
     pub security: BuildSecurity,
+    /// Namespaces whose Dockerfile builds may run in the capabilities or privileged mode, comma
+    /// separated; `*` is every namespace. Elsewhere such a build fails with PolicyDenied.
+    /// Ignored in the user-namespace mode, which any namespace may use.
+    #[arg(long, env = "BOB_BUILD_SECURITY_NAMESPACES", value_delimiter = ',', default_value = "*")]
+    pub build_security_namespaces: Vec<String>,
+    /// Node labels ImageBuilds may select in spec.pod.nodeSelector, comma separated: `key` (any
+    /// value), `key=value`, or `*` (any). Default none: build pods go where the scheduler puts them.
+    #[arg(long, env = "BOB_ALLOWED_NODE_SELECTORS", value_delimiter = ',')]
+    pub allowed_node_selectors: Vec<placement::SelectorRule>,
+    /// Tolerations ImageBuilds may set in spec.pod.tolerations, comma separated, in kubectl taint
+    /// syntax: `key`, `key=value`, `key:Effect`, `key=value:Effect`, or `*` (any, including an
+    /// Exists toleration without a key, which tolerates every taint). Default none.
+    #[arg(long, env = "BOB_ALLOWED_TOLERATIONS", value_delimiter = ',')]
+    pub allowed_tolerations: Vec<placement::TolerationRule>,
     /// Isolation of RUN steps in build pods: `chroot`, or `oci` (runc in the image).
     #[arg(long, env = "BOB_ISOLATION", value_enum, default_value = "chroot")]
     pub isolation: Isolation,
@@ -127,7 +142,7 @@ pub struct ControllerArgs {
     /// Registries (host or host:port) spoken to over plain HTTP besides loopback ones.
     #[arg(long = "insecure-registry", env = "BOB_INSECURE_REGISTRIES", value_delimiter = ',')]
     pub insecure_registries: Vec<String>,
-    /// Repository below which layer caches live, `<repository>/<namespace>/<scope>`, for
+    /// Repository below which layer caches live, `<repository>/<namespace>/<scope>-<hash>`, for
     /// ImageBuilds that name none (unset: only ImageBuilds that name one have a layer cache).
     #[arg(long, env = "BOB_LAYER_CACHE_REPOSITORY")]
     pub layer_cache_repository: Option<String>,
@@ -282,6 +297,11 @@ pub async fn run(args: ControllerArgs) -> Result<(), StartError> {
         image: args.image.clone(),
         build_timeout: args.build_timeout,
         security: args.security,
+        placement: placement::Placement::new(
+            &args.allowed_node_selectors,
+            &args.allowed_tolerations,
+            &args.build_security_namespaces,
+        ),
         isolation: args.isolation,
         insecure_registries: args.insecure_registries.clone(),
         layer_cache: plan::LayerCacheConfig {

@@ -8,6 +8,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 
 pub use super::cache_scope::{CachePlan, LayerCacheConfig};
+use super::placement::Placement;
 use crate::build::Isolation;
 use crate::build::dockerfile::Dockerfile;
 use crate::crd::ImageBuild;
@@ -74,6 +75,8 @@ pub struct PlanConfig {
     pub build_timeout: Duration,
     /// The build container's privileges.
     pub security: BuildSecurity,
+    /// Where build pods may go and which namespaces get the near-root modes (`placement.rs`).
+    pub placement: Placement,
     /// Isolation of `RUN` steps.
     pub isolation: Isolation,
     /// Registries the proxy speaks plain HTTP to besides loopback ones (in-cluster registries).
@@ -89,6 +92,7 @@ impl Default for PlanConfig {
             proxy_port: 8080,
             build_timeout: Duration::from_secs(3600),
             security: BuildSecurity::UserNamespace,
+            placement: Placement::default(),
             isolation: Isolation::Chroot,
             insecure_registries: Vec::new(),
             layer_cache: LayerCacheConfig::default(),
@@ -164,7 +168,7 @@ pub fn from_images(ib: &ImageBuild, resolved: &Resolved) -> Result<Option<Vec<St
     Ok(Some(out))
 }
 
-/// The key's inputs for a Dockerfile source.
+/// The key's inputs for a Dockerfile source, without the layer cache (`plan` adds its scope).
 pub fn inputs(ib: &ImageBuild, resolved: &Resolved) -> Result<Option<BuildInputs>, Invalid> {
     let Some(d) = &ib.spec.source.dockerfile else { return Ok(None) };
     if let Some(bad) = d.build_args.keys().find(|k| !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
@@ -215,6 +219,7 @@ pub fn inputs(ib: &ImageBuild, resolved: &Resolved) -> Result<Option<BuildInputs
         target: d.target.clone(),
         from_digests,
         context_digest: None,
+        layer_cache: None,
     };
     inputs.canonical().map_err(|e| Invalid::new("spec.source.dockerfile", e.to_string()))?;
     Ok(Some(inputs))
@@ -232,7 +237,21 @@ pub fn plan(ib: &ImageBuild, resolved: &Resolved, cfg: &PlanConfig) -> Result<Pl
     let spec = &ib.spec;
     let limits = time_limits(ib)?;
     let workspace_repo = repository("spec.workspaceImageRepository", &spec.workspace_image_repository)?;
-    let inputs = inputs(ib, resolved)?;
+    // The layer-cache scope is a key input whenever the build has one, also under
+    // `forceRebuild` (which writes the scope without reading it): the scope's tag then only ever
+    // holds images made from that scope's steps or none (docs/security.md, "Layer cache").
+    let layer_cache = super::cache_scope::plan(ib, &cfg.layer_cache)?;
+    let inputs = inputs(ib, resolved)?.map(|mut i| {
+        i.layer_cache = layer_cache.as_ref().map(|c| c.repository.clone());
+        i
+    });
+    let mut named: Vec<(&str, &str)> =
+        vec![("spec.workspaceImageRepository", &spec.workspace_image_repository)];
+    named.extend(spec.base_image_repository.as_deref().map(|r| ("spec.baseImageRepository", r)));
+    named.extend(spec.source.image.as_ref().map(|i| ("spec.source.image.ref", i.reference.as_str())));
+    let froms = inputs.iter().flat_map(|i| i.from_digests.keys());
+    named.extend(froms.map(|image| ("spec.source.dockerfile", image.as_str())));
+    super::cache_scope::check_outside(ib, &cfg.layer_cache, &named)?;
     let (key, base_ref) = match (&spec.source.image, &inputs) {
         (Some(image), None) => {
             let r = parse_ref("spec.source.image.ref", &image.reference)?;
@@ -256,7 +275,6 @@ pub fn plan(ib: &ImageBuild, resolved: &Resolved, cfg: &PlanConfig) -> Result<Pl
     let workspace_ref = key::workspace_ref(&workspace_repo, &base_ref);
     let workspace = parse_ref("spec.workspaceImageRepository", &workspace_ref)?;
     let from_refs = pinned_from_refs(inputs.as_ref());
-    let layer_cache = super::cache_scope::plan(ib, &cfg.layer_cache)?;
     let pod = super::pod::build_pod(
         ib,
         &super::pod::PodInputs {

@@ -72,9 +72,8 @@ pub struct PodInputs<'a> {
 
 /// The build pod's name: the same for every ImageBuild of the namespace that builds the same
 /// workspace image with the same registry Secret, so they share one pod (and a restarted
-/// controller finds it again); a new attempt gets a new name. The layer cache is not part of it:
-/// ImageBuilds of one key share the one build (its image is theirs anyway, as a cache hit would
-/// give it), which uses the cache scope of the ImageBuild that started it.
+/// controller finds it again); a new attempt gets a new name. The layer-cache scope is in the key
+/// and so in the workspace ref: ImageBuilds of different scopes never share a pod.
 pub fn pod_name(registry_secret: Option<&str>, workspace_ref: &str, attempt: u32) -> String {
     use sha2::{Digest, Sha256};
     let sum = Sha256::digest(format!("{}\n{workspace_ref}", registry_secret.unwrap_or("")).as_bytes());

@@ -41,7 +41,7 @@ pub struct RunArgs {
     /// Isolation of RUN steps: `chroot`, or `oci` (runc).
     #[arg(long, env = "BOB_ISOLATION", value_enum, default_value = "chroot")]
     pub isolation: Isolation,
-    /// Repository below which layer caches live, `<repository>/<namespace>/<scope>`, when the
+    /// Repository below which layer caches live, `<repository>/<namespace>/<scope>-<hash>`, when the
     /// ImageBuild names none (unset: a cache only if the ImageBuild names a repository).
     #[arg(long, env = "BOB_LAYER_CACHE_REPOSITORY")]
     pub layer_cache_repository: Option<String>,

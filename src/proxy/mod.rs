@@ -107,7 +107,7 @@ pub struct ProxyArgs {
     #[arg(long, env = "BOB_PROXY_TARGET_REF")]
     pub target_ref: Option<String>,
     /// Real repository that the `cache` alias maps to: this build's layer cache scope (e.g.
-    /// registry.example/bob-cache/<namespace>/<scope>); its tags are build-step keys.
+    /// registry.example/bob-cache/<namespace>/<scope>-<hash>); its tags are build-step keys.
     #[arg(long, env = "BOB_PROXY_CACHE_REPOSITORY")]
     pub cache_repository: Option<String>,
     /// Refuse writes to `base` (image sources: the base is an existing image).

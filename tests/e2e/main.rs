@@ -71,8 +71,15 @@ fn main() -> ExitCode {
                             .enable_all()
                             .build()
                             .unwrap();
-                        rt.block_on(async { run(t).await.finish().await });
+                        // A failed scenario must not hang the suite: dropping a runtime while
+                        // unwinding waits for its blocking tasks without a bound.
+                        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            rt.block_on(async { run(t).await.finish().await })
+                        }));
                         rt.shutdown_timeout(std::time::Duration::from_secs(5));
+                        if let Err(panic) = outcome {
+                            std::panic::resume_unwind(panic);
+                        }
                         Ok(())
                     })
                     .with_ignored_flag(ignored)

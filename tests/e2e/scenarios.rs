@@ -1,5 +1,6 @@
-//! Builds: an inline Dockerfile, the cache hit of the same spec, two at once on one pod, a
-//! failing `RUN`, and a missing Secret created later. Each asserts the final status fields and
+//! Builds: an inline Dockerfile, the cache hit of the same spec, two at once on one pod, one
+//! Dockerfile in two layer-cache scopes on two pods, a failing `RUN`, and a missing Secret
+//! created later. Each asserts the final status fields and
 //! the registry's word for the digest, not only the phase.
 
 use std::time::Duration;
@@ -10,6 +11,7 @@ use super::apiserver::Target;
 use super::common::Direct;
 use super::common::build::file_in_image;
 use super::scenario::{Options, Scenario};
+use bob::controller::cache_scope::{ScopeOrigin, scope_component};
 
 /// Longest a build may take here (a busybox build takes seconds; CI's machine is shared).
 pub const BUILD: Duration = Duration::from_secs(240);
@@ -27,6 +29,7 @@ scenarios!(
     inline_dockerfile_builds,
     same_spec_again_is_a_cache_hit_without_a_pod,
     two_submitted_at_once_share_one_pod,
+    one_dockerfile_in_two_cache_scopes_builds_twice_on_two_pods,
     failing_run_step_reports_step_exit_code_and_log,
     missing_secret_waits_then_builds_once_created,
 );
@@ -127,6 +130,58 @@ async fn two_submitted_at_once_share_one_pod(t: Target) -> Scenario {
     assert_eq!(pods.len(), 1, "one pod in the namespace: {pods:?}");
     let (_, owners) = pods.values().next().unwrap();
     assert_eq!(*owners, 2, "both ImageBuilds own the pod");
+    s.no_pods_within(Duration::from_secs(60)).await;
+    s
+}
+
+async fn one_dockerfile_in_two_cache_scopes_builds_twice_on_two_pods(t: Target) -> Scenario {
+    // The issue 21 attack's precondition: alice's image must never come out of a build that read
+    // mallory's layer-cache scope, so the same Dockerfile in scopes `alice` and `mallory` is two
+    // builds on two pods, while a second ImageBuild in alice's scope is a hit on hers. (kube-sim
+    // runs pods on the host's network, so the builds take turns; their keys already differ.)
+    let s = Scenario::start(&t, "two_cache_scopes", Options::default()).await;
+    let scoped = |scope: &str| {
+        let mut spec = s.dockerfile("RUN echo scoped > /scoped.txt");
+        spec["layerCache"] = json!({"repository": format!("{}/cache", s.repos), "scope": scope});
+        spec
+    };
+    s.create(&[("alice-ws", scoped("alice"))]).await;
+    let alice = s.finished("alice-ws", BUILD).await;
+    assert_succeeded("alice-ws", &alice, "Built");
+
+    s.create(&[("mallory-ws", scoped("mallory")), ("alice-tools", scoped("alice"))]).await;
+    let mallory = s.finished("mallory-ws", BUILD).await;
+    assert_succeeded("mallory-ws", &mallory, "Built");
+    assert_eq!(mallory["cacheHit"], false, "not a hit on alice's image: {mallory:#}");
+    assert_ne!(mallory["cacheKey"], alice["cacheKey"]);
+    assert_ne!(mallory["output"]["ref"], alice["output"]["ref"]);
+    assert_ne!(mallory["podName"], alice["podName"], "two scopes, two pods");
+    let tools = s.finished("alice-tools", Duration::from_secs(60)).await;
+    assert_succeeded("alice-tools", &tools, "CacheHit");
+    assert_eq!(tools["output"], alice["output"], "one scope shares its images");
+
+    let pods = s.pods.lock().unwrap().clone();
+    assert_eq!(pods.len(), 2, "one pod per scope: {pods:?}");
+    assert_eq!(pod_creates(&s), 2, "the controller created two pods");
+    // Each build wrote its own scope's cache: `<repos>/cache/<namespace>/<scope>-<hash>`.
+    for (scope, st) in [("alice", &alice), ("mallory", &mallory)] {
+        let repo = format!("{}/cache/{}/{}", s.repos, s.ns, scope_component(ScopeOrigin::Spec, scope));
+        let path = repo.strip_prefix(&format!("{}/", s.registry_host)).unwrap();
+        let url = format!("http://{}/v2/{path}/tags/list", s.registry_host);
+        let tags: Value = reqwest::Client::new()
+            .get(url)
+            .basic_auth("builder", Some(s.password()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(
+            !tags["tags"].as_array().is_none_or(Vec::is_empty),
+            "{scope}'s cache {repo}: {tags} ({st:#})"
+        );
+    }
     s.no_pods_within(Duration::from_secs(60)).await;
     s
 }

@@ -1,5 +1,6 @@
 //! Waits, admission and operations: a malformed Secret (its own reason, no retry storm), Pod
-//! Security `baseline` refusing the Dockerfile pod and `restricted` admitting an image source, a
+//! Security `baseline` refusing the Dockerfile pod and `restricted` admitting an image source, the
+//! chart's placement allow-lists refusing a control-plane toleration and a privileged build, a
 //! zero-pod ResourceQuota until the queue limit, cancel and delete mid-build, a controller killed
 //! and restarted mid-build, and two replicas handing over on SIGTERM.
 
@@ -16,6 +17,7 @@ use super::scenarios::{BUILD, pod_creates};
 crate::scenarios!(
     malformed_secret_has_its_own_reason_and_no_retry_storm,
     baseline_namespace_rejects_the_dockerfile_pod,
+    placement_outside_the_charts_allow_lists_is_policy_denied,
     restricted_namespace_builds_an_image_source,
     zero_pod_quota_waits_then_times_out,
     cancel_mid_build_keeps_the_log_tail,
@@ -138,6 +140,50 @@ async fn restricted_namespace_builds_an_image_source(t: Target) -> Scenario {
     );
     assert_eq!(s.registry_digest(output).await.as_deref(), Some(s.from_digest.as_str()));
     assert_eq!(s.pods.lock().unwrap().len(), 1, "its pod was admitted");
+    s
+}
+
+/// Installed with a toleration allowed and the privileged mode limited to another namespace: a
+/// control-plane toleration and a Dockerfile build here both end `PolicyDenied`, with no pod.
+async fn placement_outside_the_charts_allow_lists_is_policy_denied(t: Target) -> Scenario {
+    let values = json!({"controller": {
+        "buildSecurity": "privileged",
+        "buildSecurityNamespaces": ["elsewhere"],
+        "placement": {"allowedTolerations": ["builds:NoSchedule"]}
+    }});
+    let s =
+        Scenario::start(&t, "placement_denied", Options { values, pods: false, ..Default::default() }).await;
+    let mut steer = s.dockerfile("RUN true");
+    steer["pod"] = json!({"tolerations": [
+        {"key": "builds", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"}
+    ]});
+    s.create(&[("steer", steer), ("privileged", s.dockerfile("RUN true"))]).await;
+    let not_listed = format!("{:?} is not one", s.ns);
+    for (name, words) in [
+        (
+            "steer",
+            [
+                "spec.pod.tolerations[1]",
+                "node-role.kubernetes.io/control-plane:NoSchedule",
+                "--allowed-tolerations",
+            ],
+        ),
+        ("privileged", ["privileged mode", not_listed.as_str(), "controller.buildSecurityNamespaces"]),
+    ] {
+        let st = s.finished(name, Duration::from_secs(60)).await;
+        assert_eq!(
+            (st["phase"].as_str(), st["reason"].as_str()),
+            (Some("Failed"), Some("PolicyDenied")),
+            "{st:#}"
+        );
+        let message = st["message"].as_str().unwrap();
+        for w in words {
+            assert!(message.contains(w), "{name}: {w:?} missing from {message}");
+        }
+        assert!(st["podName"].is_null(), "{st:#}");
+    }
+    assert_eq!(pod_creates(&s), 0, "no build pod was asked for");
     s
 }
 
