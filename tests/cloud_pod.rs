@@ -322,6 +322,24 @@ fn a_mounted_aws_credentials_file_or_a_whole_secret_is_an_identity() {
 }
 
 #[test]
+fn an_ephemeral_container_is_checked_like_any_other() {
+    // `kubectl debug` adds one to the running pod, which the refresher checks as it is now.
+    let pod = bob_pod("inline-dockerfile.yaml");
+    let debugged = mutated(&pod, |v| {
+        v["spec"]["ephemeralContainers"] = json!([{"name": "debugger", "image": "busybox",
+            "env": [{"name": "AWS_ACCESS_KEY_ID", "value": "AKIA"}],
+            "envFrom": [{"secretRef": {"name": "aws-keys"}}]}]);
+    });
+    assert_eq!(
+        identity_leaks(&debugged),
+        [
+            "container debugger has AWS_ACCESS_KEY_ID",
+            "container debugger takes variables from Secret aws-keys (envFrom)",
+        ]
+    );
+}
+
+#[test]
 fn bob_pods_and_a_mesh_injected_pod_have_no_identity() {
     for file in SAMPLES {
         let (_, p) = planned(file);

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Container, KeyToPath, Pod, Volume};
+use k8s_openapi::api::core::v1::{EnvFromSource, KeyToPath, Pod, Volume};
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -154,22 +154,35 @@ fn contains(cidr: &str, ip: &str) -> bool {
 pub fn identity_leaks(pod: &Pod) -> Vec<String> {
     let Some(spec) = &pod.spec else { return Vec::new() };
     let volumes = spec.volumes.as_deref().unwrap_or_default();
+    // Ephemeral containers (`kubectl debug`) too: they may be added to a running pod, and the
+    // refresher checks the pod as it is now.
+    let containers = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .map(|c| (c.name.as_str(), c.env.as_deref(), c.env_from.as_deref(), c.volume_mounts.as_deref()));
+    let ephemeral = spec
+        .ephemeral_containers
+        .iter()
+        .flatten()
+        .map(|c| (c.name.as_str(), c.env.as_deref(), c.env_from.as_deref(), c.volume_mounts.as_deref()));
     let mut leaks = Vec::new();
-    for c in spec.init_containers.iter().flatten().chain(&spec.containers) {
-        for e in c.env.iter().flatten().filter(|e| AWS_CREDENTIAL_ENV.contains(&e.name.as_str())) {
-            leaks.push(format!("container {} has {}", c.name, e.name));
+    for (name, env, env_from, mounts) in containers.chain(ephemeral) {
+        for e in env.unwrap_or_default().iter().filter(|e| AWS_CREDENTIAL_ENV.contains(&e.name.as_str())) {
+            leaks.push(format!("container {name} has {}", e.name));
         }
-        leaks.extend(env_from_leaks(c));
-        for m in c.volume_mounts.iter().flatten() {
+        leaks.extend(env_from_leaks(name, env_from.unwrap_or_default()));
+        for m in mounts.unwrap_or_default() {
             if let Some(v) = volumes.iter().find(|v| v.name == m.name)
                 && let Some(route) = volume_route(v)
             {
-                leaks.push(format!("container {} mounts {route}", c.name));
+                leaks.push(format!("container {name} mounts {route}"));
             }
             if m.mount_path.split('/').any(|part| part == AWS_CONFIG_DIR) {
                 leaks.push(format!(
-                    "container {} mounts volume {} at {}, where AWS SDKs look for credentials",
-                    c.name, m.name, m.mount_path
+                    "container {name} mounts volume {} at {}, where AWS SDKs look for credentials",
+                    m.name, m.mount_path
                 ));
             }
         }
@@ -177,20 +190,19 @@ pub fn identity_leaks(pod: &Pod) -> Vec<String> {
     leaks
 }
 
-/// Every `envFrom` source of `c`. Refused unread: reading the object would need `get` on every
-/// ConfigMap (the controller has none) and would still be a guess, since the object may change
-/// or appear (`optional`) after the check and before the kubelet reads it.
-fn env_from_leaks(c: &Container) -> Vec<String> {
-    c.env_from
+/// Every `envFrom` source of container `name`. Refused unread: reading the object would need
+/// `get` on every ConfigMap (the controller has none) and would still be a guess, since the
+/// object may change or appear (`optional`) after the check and before the kubelet reads it.
+fn env_from_leaks(name: &str, sources: &[EnvFromSource]) -> Vec<String> {
+    sources
         .iter()
-        .flatten()
         .map(|s| {
             let source = match (&s.secret_ref, &s.config_map_ref) {
                 (Some(r), _) => format!("Secret {}", r.name),
                 (None, Some(r)) => format!("ConfigMap {}", r.name),
                 (None, None) => "an unknown source".to_string(),
             };
-            format!("container {} takes variables from {source} (envFrom)", c.name)
+            format!("container {name} takes variables from {source} (envFrom)")
         })
         .collect()
 }
