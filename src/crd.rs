@@ -345,6 +345,11 @@ pub struct ImageBuildStatus {
     /// The build pod.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pod_name: Option<String>,
+    /// The UID of the build pod, as the controller created or found it: only this very pod (not
+    /// another made later under its name) is fed a credential minted from the controller's cloud
+    /// identity. Only the controller may write the status (RBAC on `imagebuilds/status`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
     /// Build pods started for this generation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attempts: Option<i32>,

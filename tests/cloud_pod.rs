@@ -1,14 +1,17 @@
 //! The build pod and cloud identities (pure, no cluster): every container is named in the EKS
 //! webhooks' skip annotation; a pod that a webhook mutated anyway (as the IRSA and Pod Identity
-//! webhooks mutate pods) is caught, whatever the container, and a service mesh's token is not; a minted credential is mounted by the
-//! proxy alone, as a whole Secret volume the kubelet refreshes; and a decision that meets such a
-//! pod fails the ImageBuild with a message saying what to change.
+//! webhooks mutate pods) is caught, whatever the container and the route (variables, `envFrom`,
+//! a token, a mounted AWS credentials file or whole Secret), and a service mesh's token is not; a
+//! minted credential is mounted by the proxy alone, as a whole Secret volume the kubelet
+//! refreshes; a decision that meets such a pod fails the ImageBuild with a message saying what to
+//! change; and the refresher feeds only a pod an ImageBuild's status records by name and UID.
 
 mod common;
 
 use std::collections::BTreeMap;
 
 use bob::cloud::guard::{SKIP_CONTAINERS, identity_leaks};
+use bob::controller::cloud::{recorded, refreshable};
 use bob::controller::decide::{Access, Created, Need, Observed, Settings, Step, decide};
 use bob::controller::pod::use_minted_credential;
 use bob::controller::{PlanConfig, Policy, Resolved};
@@ -16,6 +19,7 @@ use bob::crd::{ImageBuild, Phase};
 use bob::reason::Reason;
 use common::samples::*;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde_json::{Value, json};
 
 const SAMPLES: [&str; 3] = ["image-source.yaml", "inline-dockerfile.yaml", "git-dockerfile.yaml"];
@@ -197,4 +201,249 @@ fn a_minted_build_creates_its_pod_with_the_credential_and_fails_on_an_identity()
         "{message}"
     );
     assert!(s.pod_name.is_none(), "the deleted pod is not followed");
+}
+
+/// `pod` with `f` applied to its JSON (as an admission webhook edits it).
+fn mutated(pod: &Pod, f: impl FnOnce(&mut Value)) -> Pod {
+    let mut v = serde_json::to_value(pod).unwrap();
+    f(&mut v);
+    serde_json::from_value(v).unwrap()
+}
+
+/// The planned pod of `file`, with the minted credential as the controller creates it.
+fn bob_pod(file: &str) -> Pod {
+    let (_, p) = planned(file);
+    let mut pod = p.pod.clone();
+    pod.metadata.name = Some("bob-build-abc-1".into());
+    use_minted_credential(&mut pod);
+    pod
+}
+
+/// Adds volume `volume` to the pod and mounts it in the container `build` at `at`.
+fn mount_in_build(v: &mut Value, volume: Value, at: &str) {
+    let name = volume["name"].clone();
+    v["spec"]["volumes"].as_array_mut().unwrap().push(volume);
+    let build = v["spec"]["containers"].as_array_mut().unwrap().iter_mut().find(|c| c["name"] == "build");
+    build.unwrap()["volumeMounts"].as_array_mut().unwrap().push(json!({"name": name, "mountPath": at}));
+}
+
+#[test]
+fn the_aws_config_and_shared_credentials_file_variables_are_identities() {
+    let pod = bob_pod("inline-dockerfile.yaml");
+    for (name, value) in
+        [("AWS_CONFIG_FILE", "/etc/aws/config"), ("AWS_SHARED_CREDENTIALS_FILE", "/etc/aws/credentials")]
+    {
+        let leaks = identity_leaks(&mutated(&pod, |v| {
+            let init = v["spec"]["initContainers"].as_array_mut().unwrap();
+            let proxy = init.iter_mut().find(|c| c["name"] == "proxy").unwrap();
+            proxy["env"].as_array_mut().unwrap().push(json!({"name": name, "value": value}));
+        }));
+        assert_eq!(leaks, [format!("container proxy has {name}")]);
+    }
+}
+
+#[test]
+fn any_env_from_is_an_identity_whatever_it_reads() {
+    // envFrom is refused unread (bob's containers never use it): a Secret's or a ConfigMap's
+    // keys may be AWS_* now or after the check, and the controller may not read ConfigMaps.
+    let pod = bob_pod("git-dockerfile.yaml");
+    let leaks = identity_leaks(&mutated(&pod, |v| {
+        let clone =
+            v["spec"]["initContainers"].as_array_mut().unwrap().iter_mut().find(|c| c["name"] == "clone");
+        clone.unwrap()["envFrom"] = json!([{"secretRef": {"name": "aws-keys"}}]);
+        let build = v["spec"]["containers"].as_array_mut().unwrap().iter_mut().find(|c| c["name"] == "build");
+        build.unwrap()["envFrom"] =
+            json!([{"configMapRef": {"name": "team-env", "optional": true}, "prefix": "X_"}]);
+    }));
+    assert_eq!(
+        leaks,
+        [
+            "container clone takes variables from Secret aws-keys (envFrom)",
+            "container build takes variables from ConfigMap team-env (envFrom)",
+        ]
+    );
+}
+
+#[test]
+fn a_mounted_aws_credentials_file_or_a_whole_secret_is_an_identity() {
+    let pod = bob_pod("inline-dockerfile.yaml");
+    let cases = [
+        (
+            json!({"name": "keys", "secret": {"secretName": "aws", "items": [{"key": "aws_access_key_id", "path": "id"}]}}),
+            "/etc/keys",
+            vec!["container build mounts volume keys with key aws_access_key_id of Secret aws"],
+        ),
+        (
+            json!({"name": "shared", "secret": {"secretName": "aws", "items": [{"key": "creds", "path": "aws/credentials"}]}}),
+            "/etc/shared",
+            vec!["container build mounts volume shared with key creds of Secret aws"],
+        ),
+        (
+            json!({"name": "whole", "secret": {"secretName": "team-secrets"}}),
+            "/etc/team",
+            vec!["container build mounts volume whole with the whole Secret team-secrets"],
+        ),
+        (
+            json!({"name": "cfg", "configMap": {"name": "aws-profile", "items": [{"key": "config", "path": "config"}]}}),
+            "/etc/cfg",
+            vec!["container build mounts volume cfg with key config of ConfigMap aws-profile"],
+        ),
+        (
+            json!({"name": "bundle", "projected": {"sources": [
+                {"configMap": {"name": "ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {"secret": {"name": "aws", "items": [{"key": "AWS_SECRET_ACCESS_KEY", "path": "secret"}]}}]}}),
+            "/etc/bundle",
+            vec!["container build mounts volume bundle with key AWS_SECRET_ACCESS_KEY of Secret aws"],
+        ),
+        (
+            json!({"name": "projected-whole", "projected": {"sources": [{"secret": {"name": "team-secrets"}}]}}),
+            "/etc/projected",
+            vec!["container build mounts volume projected-whole with the whole Secret team-secrets"],
+        ),
+        (
+            // Where the SDKs look by default, whatever the volume holds.
+            json!({"name": "home-aws", "emptyDir": {}}),
+            "/root/.aws",
+            vec!["container build mounts volume home-aws at /root/.aws, where AWS SDKs look for credentials"],
+        ),
+    ];
+    for (volume, at, want) in cases {
+        let leaks = identity_leaks(&mutated(&pod, |v| mount_in_build(v, volume.clone(), at)));
+        assert_eq!(leaks, want, "{volume}");
+    }
+    // A volume no container mounts gives nobody anything.
+    let unmounted = mutated(&pod, |v| {
+        v["spec"]["volumes"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"name": "whole", "secret": {"secretName": "x"}}))
+    });
+    assert!(identity_leaks(&unmounted).is_empty());
+}
+
+#[test]
+fn an_ephemeral_container_is_checked_like_any_other() {
+    // `kubectl debug` adds one to the running pod, which the refresher checks as it is now.
+    let pod = bob_pod("inline-dockerfile.yaml");
+    let debugged = mutated(&pod, |v| {
+        v["spec"]["ephemeralContainers"] = json!([{"name": "debugger", "image": "busybox",
+            "env": [{"name": "AWS_ACCESS_KEY_ID", "value": "AKIA"}],
+            "envFrom": [{"secretRef": {"name": "aws-keys"}}]}]);
+    });
+    assert_eq!(
+        identity_leaks(&debugged),
+        [
+            "container debugger has AWS_ACCESS_KEY_ID",
+            "container debugger takes variables from Secret aws-keys (envFrom)",
+        ]
+    );
+}
+
+#[test]
+fn bob_pods_and_a_mesh_injected_pod_have_no_identity() {
+    for file in SAMPLES {
+        let (_, p) = planned(file);
+        assert_eq!(identity_leaks(&p.pod), Vec::<String>::new(), "{file}: with the spec's Secret");
+        assert_eq!(identity_leaks(&bob_pod(file)), Vec::<String>::new(), "{file}: with a minted credential");
+    }
+    // What Istio's sidecar injector adds (its token has Istio's audience, its CA bundle is a whole
+    // ConfigMap), and the API server's projected ServiceAccount token volume.
+    let meshed = mutated(&bob_pod("inline-dockerfile.yaml"), |v| {
+        let volumes = v["spec"]["volumes"].as_array_mut().unwrap();
+        volumes.extend([
+            json!({"name": "istio-envoy", "emptyDir": {"medium": "Memory"}}),
+            json!({"name": "istio-data", "emptyDir": {}}),
+            json!({"name": "istio-podinfo", "downwardAPI": {"items": [
+                {"path": "labels", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.labels"}}]}}),
+            json!({"name": "istio-token", "projected": {"sources": [
+                {"serviceAccountToken": {"audience": "istio-ca", "expirationSeconds": 43200, "path": "istio-token"}}]}}),
+            json!({"name": "istiod-ca-cert", "configMap": {"name": "istio-ca-root-cert"}}),
+            json!({"name": "kube-api-access-x1y2z", "projected": {"sources": [
+                {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}}]}}),
+        ]);
+        let mounts = json!([
+            {"name": "istiod-ca-cert", "mountPath": "/var/run/secrets/istio"},
+            {"name": "istio-data", "mountPath": "/var/lib/istio/data"},
+            {"name": "istio-envoy", "mountPath": "/etc/istio/proxy"},
+            {"name": "istio-token", "mountPath": "/var/run/secrets/tokens"},
+            {"name": "istio-podinfo", "mountPath": "/etc/istio/pod"},
+            {"name": "kube-api-access-x1y2z", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"},
+        ]);
+        v["spec"]["initContainers"].as_array_mut().unwrap().push(json!({
+            "name": "istio-proxy", "image": "docker.io/istio/proxyv2:1.24.0", "restartPolicy": "Always",
+            "env": [{"name": "ISTIO_META_CLUSTER_ID", "value": "Kubernetes"},
+                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}}],
+            "volumeMounts": mounts}));
+    });
+    assert_eq!(identity_leaks(&meshed), Vec::<String>::new());
+}
+
+/// A build pod `name` with UID `uid` in namespace `team`, labelled as bob labels its build pods.
+fn build_pod(name: &str, uid: &str) -> Pod {
+    serde_json::from_value(json!({"metadata": {"name": name, "namespace": "team", "uid": uid,
+        "labels": {"app.kubernetes.io/name": "bob", "app.kubernetes.io/managed-by": "bob",
+                   "app.kubernetes.io/component": "build", "bob.dev/imagebuild": "ws"}},
+        "spec": {"containers": [{"name": "build", "image": "bob", "env": [], "volumeMounts": []}], "volumes": []}}))
+    .unwrap()
+}
+
+/// An ImageBuild `name` in `ns` whose status records `pod` (and its UID, when given).
+fn recording(name: &str, ns: &str, pod: &str, uid: Option<&str>) -> ImageBuild {
+    let mut status = json!({"phase": "Building", "podName": pod});
+    if let Some(uid) = uid {
+        status["podUid"] = json!(uid);
+    }
+    serde_json::from_value(json!({"apiVersion": "bob.dev/v1alpha1", "kind": "ImageBuild",
+        "metadata": {"name": name, "namespace": ns, "uid": format!("ib-{name}")},
+        "spec": {"source": {"image": {"ref": "reg.test/app:1"}}, "workspaceImageRepository": "reg.test/ws"},
+        "status": status}))
+    .unwrap()
+}
+
+#[test]
+fn only_a_pod_a_status_records_by_name_and_uid_is_refreshed() {
+    let pod = build_pod("bob-build-abc-1", "uid-1");
+    let mine = recording("ws", "team", "bob-build-abc-1", Some("uid-1"));
+    assert!(recorded(&pod, std::slice::from_ref(&mine)));
+    // The same name with another UID (deleted and made again), no UID (an older status), no
+    // status, another namespace, another name: not recorded.
+    let not_mine = [
+        recording("ws", "team", "bob-build-abc-1", Some("uid-0")),
+        recording("ws", "team", "bob-build-abc-1", None),
+        recording("ws", "other", "bob-build-abc-1", Some("uid-1")),
+        recording("ws", "team", "bob-build-abc-2", Some("uid-1")),
+    ];
+    assert!(!recorded(&pod, &not_mine));
+    let mut no_status = mine.clone();
+    no_status.status = None;
+    assert!(!recorded(&pod, &[no_status]));
+    assert!(!recorded(&pod, &[]));
+    // A pod without a UID matches nothing (not even a status without one).
+    let mut no_uid = pod.clone();
+    no_uid.metadata.uid = None;
+    assert!(!recorded(&no_uid, &[recording("ws", "team", "bob-build-abc-1", None)]));
+    // ImageBuilds of one key share the pod: any one of them recording it will do.
+    let shared = [
+        recording("a", "team", "bob-build-abc-2", Some("uid-2")),
+        recording("b", "team", "bob-build-abc-1", Some("uid-1")),
+    ];
+    assert!(recorded(&pod, &shared));
+
+    // Recorded, and the guards of its creation must still hold.
+    let policy: NetworkPolicy = serde_json::from_value(json!({"metadata": {"name": "bob-build-pods"},
+        "spec": {"podSelector": {"matchLabels": {"app.kubernetes.io/managed-by": "bob", "app.kubernetes.io/component": "build"}},
+                 "policyTypes": ["Egress"],
+                 "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]}}]}]}}))
+    .unwrap();
+    let policies = std::slice::from_ref(&policy);
+    assert_eq!(refreshable(&pod, std::slice::from_ref(&mine), policies), Ok(()));
+    let why = refreshable(&pod, &not_mine, policies).unwrap_err();
+    assert!(why.contains("no ImageBuild records this pod"), "{why}");
+    let why = refreshable(&pod, std::slice::from_ref(&mine), &[]).unwrap_err();
+    assert!(why.contains("no NetworkPolicy"), "{why}");
+    let given = irsa_webhook(&pod, false);
+    let why = refreshable(&given, std::slice::from_ref(&mine), policies).unwrap_err();
+    assert!(why.contains("container build has AWS_ROLE_ARN"), "{why}");
 }

@@ -435,3 +435,36 @@ fn each_attempt_records_where_its_log_is_and_ships_it_while_it_runs() {
     let refs: Vec<i32> = status(&t3).log_refs.iter().map(|r| r.attempt).collect();
     assert_eq!(refs, [1, 2]);
 }
+
+#[test]
+fn the_status_records_the_uid_of_the_pod_it_created_joined_or_found() {
+    for created in [Created::Created, Created::Joined, Created::Found] {
+        let mut o = planned();
+        o.created = Some(created.clone());
+        o.pod_uid = Some("pod-uid-1".into());
+        let t = act(decide(&ib(5, None), &o, &settings(None)));
+        assert_eq!(status(&t).pod_uid.as_deref(), Some("pod-uid-1"), "{created:?}");
+    }
+    let mut recorded = building("p1");
+    recorded["podUid"] = json!("pod-uid-1");
+    let b = ib(60, Some(recorded.clone()));
+    let mut o = seen();
+    // Followed: kept; a status that did not record it yet (an older bob's) gets the UID of the
+    // pod it names.
+    let mut running: Pod = pod(json!({"phase": "Running"}));
+    running.metadata.uid = Some("pod-uid-1".into());
+    o.pod = Some(Some(running.clone()));
+    let t = act(decide(&b, &o, &settings(None)));
+    assert_eq!(status(&t).pod_uid.as_deref(), Some("pod-uid-1"));
+    let t = act(decide(&ib(60, Some(building("p1"))), &o, &settings(None)));
+    assert_eq!(status(&t).pod_uid.as_deref(), Some("pod-uid-1"), "backfilled");
+    let mut unchanged = recorded.clone();
+    unchanged["message"] = json!("build pod p1 is running");
+    let t = act(decide(&ib(60, Some(unchanged)), &o, &settings(None)));
+    assert!(t.status.is_none(), "nothing new to write: {:?}", t.status);
+    // A retry forgets the old pod with its UID.
+    o.pod = Some(None);
+    let t = act(decide(&b, &o, &settings(None)));
+    assert_eq!(phase_reason(&t), (Phase::Pending, Some(Reason::PodDeleted)));
+    assert_eq!((status(&t).pod_name.as_deref(), status(&t).pod_uid.as_deref()), (None, None));
+}

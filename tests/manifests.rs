@@ -75,6 +75,46 @@ fn cloud_credentials_add_only_their_own_rules_in_both_installs() {
 }
 
 #[test]
+fn only_the_controller_may_write_imagebuild_status() {
+    // The status records the build pod (podName, podUid) the credential refresher may feed: a
+    // role that lets users write it would let them name a pod of their own (docs/credentials.md).
+    let writes = |rule: &Value| {
+        let has = |key: &str, wanted: &[&str]| {
+            rule[key].as_array().unwrap().iter().any(|v| v == "*" || wanted.iter().any(|w| v == *w))
+        };
+        has("apiGroups", &["bob.dev"])
+            && has("resources", &["imagebuilds/status", "imagebuilds/*"])
+            && has("verbs", &["update", "patch", "create"])
+    };
+    let mut granted = Vec::new();
+    for entry in std::fs::read_dir(root().join("config/rbac")).unwrap() {
+        let path = entry.unwrap().path();
+        for doc in yaml_docs(&std::fs::read_to_string(&path).unwrap()) {
+            let name = doc["metadata"]["name"].as_str().unwrap_or_default().to_string();
+            if doc["kind"].as_str().is_some_and(|k| k.ends_with("Role"))
+                && doc["rules"].as_array().unwrap().iter().any(writes)
+            {
+                granted.push(name);
+            }
+        }
+    }
+    granted.sort();
+    assert_eq!(granted, ["bob-controller"], "roles that may write imagebuilds/status");
+    // The chart's controller rules are config/rbac/role.yaml's (checked above); its other roles
+    // are written out in the template, which must grant neither the status nor a wildcard.
+    let template = std::fs::read_to_string(root().join("charts/bob/templates/rbac.yaml")).unwrap();
+    assert!(
+        !template.contains("imagebuilds/status"),
+        "a chart role other than the controller's grants the status"
+    );
+    for line in template.lines().map(str::trim_start) {
+        let field =
+            ["- apiGroups:", "apiGroups:", "resources:", "verbs:"].iter().any(|f| line.starts_with(f));
+        assert!(!(field && line.contains('*')), "a wildcard in the chart's RBAC: {line}");
+    }
+}
+
+#[test]
 fn kustomize_builds_the_crd_rbac_and_controller() {
     let docs = kustomize("config/default");
     let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();

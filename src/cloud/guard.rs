@@ -1,11 +1,12 @@
 //! What must hold before a build pod gets a cloud-minted credential, and after it is created
 //! (pure): its namespace's NetworkPolicies block the instance metadata and EKS Pod Identity
-//! endpoints, and no admission webhook gave any container a cloud identity.
+//! endpoints, and no admission webhook gave any container a cloud identity (variables, a token,
+//! `envFrom`, a mounted AWS credentials or config file).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{EnvFromSource, KeyToPath, Pod, Volume};
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -18,8 +19,9 @@ pub const METADATA_ENDPOINTS: [&str; 4] =
 /// Pod annotation: containers the EKS webhooks (IRSA, Pod Identity) must not give credentials to.
 pub const SKIP_CONTAINERS: &str = "eks.amazonaws.com/skip-containers";
 
-/// Environment variables through which AWS SDKs find credentials.
-pub const AWS_CREDENTIAL_ENV: [&str; 10] = [
+/// Environment variables through which AWS SDKs find credentials (`AWS_CONFIG_FILE` too: a
+/// config file can name a role, a web identity token file or a `credential_process`).
+pub const AWS_CREDENTIAL_ENV: [&str; 11] = [
     "AWS_ROLE_ARN",
     "AWS_WEB_IDENTITY_TOKEN_FILE",
     "AWS_CONTAINER_CREDENTIALS_FULL_URI",
@@ -29,8 +31,17 @@ pub const AWS_CREDENTIAL_ENV: [&str; 10] = [
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
     "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
     "AWS_PROFILE",
 ];
+
+/// File names (a Secret or ConfigMap key, or the path it is projected to) that hold AWS
+/// credentials: the SDKs' shared `credentials` and `config` files, or the keys themselves.
+pub const AWS_CREDENTIAL_FILES: [&str; 5] =
+    ["credentials", "config", "aws_access_key_id", "aws_secret_access_key", "aws_session_token"];
+
+/// The directory the AWS SDKs read `credentials` and `config` from by default (`~/.aws`).
+pub const AWS_CONFIG_DIR: &str = ".aws";
 
 /// Audiences of ServiceAccount tokens that AWS exchanges for credentials: IRSA's and Pod
 /// Identity's. Tokens for other audiences (a service mesh's, Vault's) are not a cloud identity.
@@ -127,37 +138,129 @@ fn contains(cidr: &str, ip: &str) -> bool {
 }
 
 /// What in `pod` (as the API server stored it, after admission) gives a container an AWS
-/// identity: AWS credential variables, or a mounted ServiceAccount token for AWS (IRSA's
-/// `aws-iam-token`, Pod Identity's `eks-pod-identity-token`, or any token with their audience).
-/// Empty when none does. Tokens for other audiences (Istio's, Linkerd's) are left alone.
+/// identity, one line per container and route; empty when nothing does. The routes:
+///
+/// - AWS credential variables ([`AWS_CREDENTIAL_ENV`]);
+/// - any `envFrom`: bob's containers never use it, and what a Secret or ConfigMap holds is not
+///   known when the pod is checked (the kubelet reads it when the container starts), so every
+///   source counts, unread;
+/// - a mounted ServiceAccount token for AWS (IRSA's `aws-iam-token`, Pod Identity's
+///   `eks-pod-identity-token`, or any token with their audience); tokens for other audiences
+///   (Istio's, Linkerd's) are left alone;
+/// - a mounted Secret, ConfigMap or projected volume with an item named like an AWS credentials
+///   file ([`AWS_CREDENTIAL_FILES`]), or a whole Secret (bob mounts Secrets item by item only,
+///   so one mounted whole is not bob's and its keys are unknown);
+/// - any volume mounted into an `.aws` directory, where the SDKs look by default.
 pub fn identity_leaks(pod: &Pod) -> Vec<String> {
     let Some(spec) = &pod.spec else { return Vec::new() };
-    let token_volumes: Vec<&str> = spec
-        .volumes
+    let volumes = spec.volumes.as_deref().unwrap_or_default();
+    // Ephemeral containers (`kubectl debug`) too: they may be added to a running pod, and the
+    // refresher checks the pod as it is now.
+    let containers = spec
+        .init_containers
         .iter()
         .flatten()
-        .filter(|v| {
-            AWS_TOKEN_VOLUMES.contains(&v.name.as_str())
-                || v.projected.as_ref().is_some_and(|p| {
-                    p.sources.iter().flatten().any(|s| {
-                        s.service_account_token.as_ref().is_some_and(|t| {
-                            t.audience.as_deref().is_some_and(|a| AWS_TOKEN_AUDIENCES.contains(&a))
-                        })
-                    })
-                })
-        })
-        .map(|v| v.name.as_str())
-        .collect();
+        .chain(&spec.containers)
+        .map(|c| (c.name.as_str(), c.env.as_deref(), c.env_from.as_deref(), c.volume_mounts.as_deref()));
+    let ephemeral = spec
+        .ephemeral_containers
+        .iter()
+        .flatten()
+        .map(|c| (c.name.as_str(), c.env.as_deref(), c.env_from.as_deref(), c.volume_mounts.as_deref()));
     let mut leaks = Vec::new();
-    for c in spec.init_containers.iter().flatten().chain(&spec.containers) {
-        for e in c.env.iter().flatten().filter(|e| AWS_CREDENTIAL_ENV.contains(&e.name.as_str())) {
-            leaks.push(format!("container {} has {}", c.name, e.name));
+    for (name, env, env_from, mounts) in containers.chain(ephemeral) {
+        for e in env.unwrap_or_default().iter().filter(|e| AWS_CREDENTIAL_ENV.contains(&e.name.as_str())) {
+            leaks.push(format!("container {name} has {}", e.name));
         }
-        for m in c.volume_mounts.iter().flatten().filter(|m| token_volumes.contains(&m.name.as_str())) {
-            leaks.push(format!("container {} mounts the token volume {}", c.name, m.name));
+        leaks.extend(env_from_leaks(name, env_from.unwrap_or_default()));
+        for m in mounts.unwrap_or_default() {
+            if let Some(v) = volumes.iter().find(|v| v.name == m.name)
+                && let Some(route) = volume_route(v)
+            {
+                leaks.push(format!("container {name} mounts {route}"));
+            }
+            if m.mount_path.split('/').any(|part| part == AWS_CONFIG_DIR) {
+                leaks.push(format!(
+                    "container {name} mounts volume {} at {}, where AWS SDKs look for credentials",
+                    m.name, m.mount_path
+                ));
+            }
         }
     }
     leaks
+}
+
+/// Every `envFrom` source of container `name`. Refused unread: reading the object would need
+/// `get` on every ConfigMap (the controller has none) and would still be a guess, since the
+/// object may change or appear (`optional`) after the check and before the kubelet reads it.
+fn env_from_leaks(name: &str, sources: &[EnvFromSource]) -> Vec<String> {
+    sources
+        .iter()
+        .map(|s| {
+            let source = match (&s.secret_ref, &s.config_map_ref) {
+                (Some(r), _) => format!("Secret {}", r.name),
+                (None, Some(r)) => format!("ConfigMap {}", r.name),
+                (None, None) => "an unknown source".to_string(),
+            };
+            format!("container {name} takes variables from {source} (envFrom)")
+        })
+        .collect()
+}
+
+/// Whether an item is named like an AWS credentials file (by its key or by the path it gets).
+fn aws_item(items: &[KeyToPath]) -> Option<&str> {
+    let named = |s: &str| {
+        let file = s.rsplit('/').next().unwrap_or(s).to_ascii_lowercase();
+        AWS_CREDENTIAL_FILES.contains(&file.as_str())
+    };
+    items.iter().find(|i| named(&i.key) || named(&i.path)).map(|i| i.key.as_str())
+}
+
+/// What volume `v` would give a container that mounts it, if that may be an AWS identity.
+fn volume_route(v: &Volume) -> Option<String> {
+    let name = &v.name;
+    if AWS_TOKEN_VOLUMES.contains(&name.as_str()) {
+        return Some(format!("the token volume {name}"));
+    }
+    if let Some(s) = &v.secret {
+        let secret = s.secret_name.as_deref().unwrap_or("?");
+        return match s.items.as_deref() {
+            None | Some([]) => Some(format!("volume {name} with the whole Secret {secret}")),
+            Some(items) => {
+                aws_item(items).map(|key| format!("volume {name} with key {key} of Secret {secret}"))
+            }
+        };
+    }
+    if let Some(cm) = &v.config_map {
+        // A whole ConfigMap is not suspicious by itself: service meshes mount their CA bundle so.
+        let map = cm.name.as_str();
+        return aws_item(cm.items.as_deref().unwrap_or_default())
+            .map(|key| format!("volume {name} with key {key} of ConfigMap {map}"));
+    }
+    for source in v.projected.as_ref().and_then(|p| p.sources.as_deref()).unwrap_or_default() {
+        if let Some(t) = &source.service_account_token
+            && t.audience.as_deref().is_some_and(|a| AWS_TOKEN_AUDIENCES.contains(&a))
+        {
+            return Some(format!("the token volume {name}"));
+        }
+        if let Some(s) = &source.secret {
+            let secret = s.name.as_str();
+            match s.items.as_deref() {
+                None | Some([]) => return Some(format!("volume {name} with the whole Secret {secret}")),
+                Some(items) => {
+                    if let Some(key) = aws_item(items) {
+                        return Some(format!("volume {name} with key {key} of Secret {secret}"));
+                    }
+                }
+            }
+        }
+        if let Some(cm) = &source.config_map
+            && let Some(key) = aws_item(cm.items.as_deref().unwrap_or_default())
+        {
+            return Some(format!("volume {name} with key {key} of ConfigMap {}", cm.name));
+        }
+    }
+    None
 }
 
 #[cfg(test)]

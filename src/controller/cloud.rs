@@ -1,7 +1,8 @@
 //! Registry credentials minted from the controller's cloud identity for builds that name no
 //! Secret (docs/credentials.md): the operator's mapping decides which repositories a namespace
 //! may use, each build's grants get one scoped credential (cached until half its lifetime), the
-//! build pod's proxy gets it as a Secret of its own, refreshed while the pod runs and deleted
+//! build pod's proxy gets it as a Secret of its own, refreshed while the pod runs (only for a pod
+//! an ImageBuild's status records by name and UID, while the guards still hold) and deleted
 //! with it. Nothing here writes a credential to a log, an Event or a status.
 
 use std::collections::{BTreeMap, HashMap};
@@ -18,6 +19,7 @@ use super::decide::Failure;
 use crate::cloud::guard;
 use crate::cloud::mapping::{Grant, Mappings, RepoAccess};
 use crate::cloud::secret::{self, Minted};
+use crate::crd::ImageBuild;
 use crate::reason::Reason;
 
 /// The labels of ImageBuild `name`'s build pods that are known before it is planned (all but
@@ -164,6 +166,51 @@ pub async fn metadata_guard(
     }))
 }
 
+/// `Ok` when `pod` may have its minted credential refreshed ([`refreshable`]), read from the
+/// API: the ImageBuilds its owner references name, and the NetworkPolicies of its namespace.
+async fn may_refresh(client: &Client, pod: &Pod) -> Result<Result<(), String>, kube::Error> {
+    let ns = pod.namespace().unwrap_or_default();
+    let builds: Api<ImageBuild> = Api::namespaced(client.clone(), &ns);
+    let mut owners = Vec::new();
+    // Every ImageBuild that shares the pod is an owner of it; any one recording it will do.
+    for o in pod.owner_references().iter().filter(|o| o.kind == "ImageBuild") {
+        if let Some(b) = builds.get_opt(&o.name).await? {
+            owners.push(b);
+        }
+    }
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
+    let policies = policies.list(&ListParams::default()).await?.items;
+    Ok(refreshable(pod, &owners, &policies))
+}
+
+/// Whether an ImageBuild's status records `pod` as its build pod: the same namespace, name and
+/// UID (a pod deleted and made again under the name is another pod). Pure.
+pub fn recorded(pod: &Pod, builds: &[ImageBuild]) -> bool {
+    let Some(uid) = pod.metadata.uid.as_deref().filter(|u| !u.is_empty()) else { return false };
+    let (name, ns) = (pod.metadata.name.as_deref(), pod.metadata.namespace.as_deref());
+    builds.iter().any(|b| {
+        let s = b.status.as_ref();
+        b.metadata.namespace.as_deref() == ns
+            && s.and_then(|s| s.pod_name.as_deref()) == name
+            && s.and_then(|s| s.pod_uid.as_deref()) == Some(uid)
+    })
+}
+
+/// `Ok` when the minted credential of `pod` may be minted again: an ImageBuild among `builds`
+/// records the pod ([`recorded`]), `policies` (its namespace's) keep it from the metadata
+/// endpoints, and no container of it has a cloud identity; else why not. Pure.
+pub fn refreshable(pod: &Pod, builds: &[ImageBuild], policies: &[NetworkPolicy]) -> Result<(), String> {
+    if !recorded(pod, builds) {
+        return Err("no ImageBuild records this pod (by name and UID) as its build pod".into());
+    }
+    guard::metadata_blocked(policies, pod.labels())?;
+    let leaks = guard::identity_leaks(pod);
+    if !leaks.is_empty() {
+        return Err(format!("the pod has a cloud identity: {}", leaks.join("; ")));
+    }
+    Ok(())
+}
+
 /// Whether `s` is the minted credential of `pod` (bob's labels, owned by this very pod).
 fn belongs_to(s: &Secret, pod: &Pod) -> bool {
     let labelled = s.labels().get(secret::LABEL_CREDENTIAL).map(String::as_str) == Some("registry");
@@ -256,6 +303,16 @@ async fn refresh_pod(client: &Client, broker: &Broker, pod: &Pod) -> Result<(), 
         return Ok(());
     }
     if secret::refresh_at(&s).is_some_and(|at| at > Timestamp::now()) {
+        return Ok(());
+    }
+    // Labels, an owner reference and a Secret are what anyone who may create pods and Secrets
+    // in the namespace can forge: only a pod an ImageBuild's status records (written by the
+    // controller alone) is fed, and only while the guards that held at its creation still hold.
+    // Checked only once the Secret is due, so a pod whose status is still being written (it
+    // was minted a moment ago, due at half its life) is never mistaken for a forged one.
+    if let Err(why) = may_refresh(client, pod).await? {
+        api.delete(&name, &DeleteParams::default()).await?;
+        tracing::warn!(namespace = %ns, secret = %name, pod = %pod.name_any(), "deleted a registry credential Secret instead of refreshing it: {why}");
         return Ok(());
     }
     // What the Secret says it was minted for is only a request: the operator's mapping decides

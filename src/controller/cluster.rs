@@ -253,7 +253,9 @@ impl<'a> Cluster<'a> {
     /// moment would both apply under the one field manager, and the second apply would replace
     /// the first's owner reference. A create is atomic: exactly one wins, the other gets 409 and
     /// joins.
-    async fn create(&self, ib: &ImageBuild, pod: &Pod) -> Result<Created, kube::Error> {
+    ///
+    /// Also returns the UID of the pod created, joined or found, for the status to record.
+    async fn create(&self, ib: &ImageBuild, pod: &Pod) -> Result<(Created, Option<String>), kube::Error> {
         let api: Api<Pod> = self.api();
         let name = pod.metadata.name.clone().unwrap_or_default();
         let (existing, created) = match api.get_opt(&name).await? {
@@ -268,7 +270,7 @@ impl<'a> Cluster<'a> {
                     Err(kube::Error::Api(e)) if e.code == 409 => (api.get(&name).await?, false),
                     Err(kube::Error::Api(e)) => {
                         tracing::info!(pod = %name, code = e.code, message = %e.message, "the API server refused the build pod");
-                        return Ok(Created::Refused { code: e.code, message: e.message });
+                        return Ok((Created::Refused { code: e.code, message: e.message }, None));
                     }
                     Err(e) => return Err(e),
                 }
@@ -284,25 +286,28 @@ impl<'a> Cluster<'a> {
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
                 Err(e) => return Err(e),
             }
-            return Ok(Created::Unsafe { leaks });
+            return Ok((Created::Unsafe { leaks }, None));
         }
         if let Some((grants, minted)) = &self.minted {
             super::cloud::ensure_secret(&self.ctx.client, &self.ns, &existing, grants, minted).await?;
         }
+        // The UID of the pod as the API server answered it now: what the status records as this
+        // ImageBuild's pod (created, joined or found after a restart).
+        let pod_uid = existing.uid();
         if created {
-            return Ok(Created::Created);
+            return Ok((Created::Created, pod_uid));
         }
         let uid = ib.uid().unwrap_or_default();
         if existing.owner_references().iter().any(|o| o.uid == uid) {
-            return Ok(Created::Found);
+            return Ok((Created::Found, pod_uid));
         }
         // A non-controller owner: the pod lives while any ImageBuild that needs it lives.
-        let Some(owner) = ib.owner_ref(&()) else { return Ok(Created::Found) };
+        let Some(owner) = ib.owner_ref(&()) else { return Ok((Created::Found, pod_uid)) };
         let patch = json!({"metadata": {"ownerReferences": [owner]}});
         let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
         api.patch(&name, &params, &Patch::Strategic(&patch)).await?;
         tracing::info!(pod = %name, imagebuild = %ib.name_any(), "joined build pod");
-        Ok(Created::Joined)
+        Ok((Created::Joined, pod_uid))
     }
 
     /// The build container's last lines; a container that never started has none (not an error).
@@ -351,7 +356,10 @@ impl World for Cluster<'_> {
                 Err(e) => seen.api_error = Some(api_failure("count the running build pods", &e)),
             },
             Need::Create(pod) => match self.create(ib, &pod).await {
-                Ok(c) => seen.created = Some(c),
+                Ok((c, uid)) => {
+                    seen.created = Some(c);
+                    seen.pod_uid = uid;
+                }
                 Err(e) => seen.api_error = Some(api_failure("create the build pod", &e)),
             },
             Need::Pod(name) => match self.api::<Pod>().get_opt(&name).await {

@@ -165,6 +165,8 @@ fn start(ib: &ImageBuild, old: ImageBuildStatus, attempt: u32, seen: &Observed, 
         Effect::ShipLog { pod: pod_name.clone(), attempt },
     ];
     s.pod_name = Some(pod_name);
+    // The pod by its UID too: the credential refresher feeds only the pod recorded here.
+    s.pod_uid = seen.pod_uid.clone();
     s.attempts = Some(attempt as i32);
     if *created != Created::Found {
         let waited = s.start_time.as_ref().map_or(0.0, |t| now.duration_since(t.0).as_secs_f64().max(0.0));
@@ -188,11 +190,18 @@ fn follow(old: ImageBuildStatus, seen: &Observed, cfg: &Settings) -> Step {
     };
     // A running build's log is shipped (again, after a controller restart) while it runs.
     let ship = Effect::ShipLog { pod: pod_name.clone(), attempt: old.attempts.unwrap_or(1).max(1) as u32 };
+    // A status written by a bob that did not record the pod's UID gets the UID of the pod it
+    // names now, so the refresher keeps feeding the builds that run across an upgrade.
+    let backfill = old.pod_uid.is_none() && pod.metadata.uid.is_some();
     let progress = |reason: Option<Reason>, message: String, phase: Phase| {
-        let status = status::in_progress(old.clone(), phase, reason, &message, now);
+        let mut status = status::in_progress(old.clone(), phase, reason, &message, now);
+        if backfill {
+            status.pod_uid = pod.metadata.uid.clone();
+        }
         let changed = old.reason != reason
             || old.message.as_deref() != Some(message.as_str())
-            || old.phase != Some(phase);
+            || old.phase != Some(phase)
+            || backfill;
         Step::Act(Transition {
             status: changed.then_some(status),
             effects: vec![ship.clone()],
@@ -273,6 +282,7 @@ fn after_failure(mut s: ImageBuildStatus, f: BuildFailure, now: Timestamp, cfg: 
                 after.as_secs()
             );
             let old_pod = s.pod_name.take();
+            s.pod_uid = None;
             let at = now + SignedDuration::try_from(after).unwrap_or(SignedDuration::ZERO);
             s.next_attempt_at = Some(Time(at));
             let reason = f.reason;

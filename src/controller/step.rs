@@ -98,6 +98,8 @@ pub struct Observed {
     pub slots: Option<Slots>,
     /// The outcome of creating (or joining) the build pod.
     pub created: Option<Created>,
+    /// The UID of the pod created, joined or found (with `created`), for the status to record.
+    pub pod_uid: Option<String>,
     /// The build pod followed, if it still exists.
     pub pod: Option<Option<Pod>>,
     /// The workspace image after a build that reported success.
@@ -117,6 +119,7 @@ impl Observed {
             cache: None,
             slots: None,
             created: None,
+            pod_uid: None,
             pod: None,
             verified: None,
             log_tail: None,

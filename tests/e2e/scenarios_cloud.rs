@@ -6,7 +6,9 @@
 //! policies), only the proxy mounts it, it is minted again when due and gone when the build ends;
 //! an unmapped namespace, a refused role, a missing repository and a namespace without a
 //! NetworkPolicy each get their reason; a Secret forged in an unmapped namespace to look like
-//! bob's gets no credential and is deleted.
+//! bob's gets no credential and is deleted, and so do Secrets of pods forged in the mapped
+//! namespace (under a new name, or under the recorded build pod's name after it is gone): the
+//! refresher feeds only the pod an ImageBuild's status records by name and UID.
 
 use std::time::Duration;
 
@@ -224,6 +226,60 @@ async fn ecr_builds_with_a_minted_credential_and_every_refusal_has_its_reason(t:
         }
     })
     .await;
+
+    // A user of the mapped namespace (who may create pods and Secrets there) dresses pods and
+    // Secrets as bob's: one under the name of the build pod the status of `app` records, now
+    // gone (a new UID), claiming `app` as its owner; one under a new name. Both ask for a push
+    // credential the mapping allows. Neither is recorded by an ImageBuild's status by name and
+    // UID: the refresher mints nothing into their Secrets and deletes them.
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
+    poll("the build pod of app gone", Duration::from_secs(60), || async {
+        pods.get_opt(&pod_name).await.unwrap().is_none().then_some(())
+    })
+    .await;
+    let app = s.kubectl.ok(&["get", "imagebuild", "app", "-n", &s.ns, "-o", "json"], None).await;
+    let app: Value = serde_json::from_str(&app).unwrap();
+    assert_eq!(app["status"]["podName"].as_str(), Some(pod_name.as_str()), "{app:#}");
+    let recorded_uid = app["status"]["podUid"].as_str().expect("the status records the pod's UID");
+    assert_eq!(Some(recorded_uid), pod.metadata.uid.as_deref(), "the UID of the pod it created");
+    let app_owner = json!({"apiVersion": "bob.dev/v1alpha1", "kind": "ImageBuild", "name": "app",
+                           "uid": app["metadata"]["uid"]});
+    for (name, owners) in [(pod_name.clone(), json!([app_owner])), ("evil-mapped".to_string(), json!([]))] {
+        let fake = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": s.ns, "ownerReferences": owners,
+                         "labels": {"app.kubernetes.io/name": "bob", "app.kubernetes.io/managed-by": "bob",
+                                    "app.kubernetes.io/component": "build", "bob.dev/imagebuild": "app"}},
+            "spec": {"containers": [{"name": "c", "image": "busybox", "command": ["sleep", "300"]}]}});
+        s.kubectl.ok(&["apply", "-f", "-"], Some(&fake.to_string())).await;
+        let uid = pods.get(&name).await.unwrap().metadata.uid.unwrap();
+        assert_ne!(Some(uid.as_str()), pod.metadata.uid.as_deref(), "a new pod under the name");
+        let forged = json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
+            "metadata": {"name": format!("{name}-registry"), "namespace": s.ns,
+                         "labels": {"app.kubernetes.io/managed-by": "bob", "bob.dev/credential": "registry"},
+                         "annotations": {"bob.dev/grants": grants.to_string(), "bob.dev/refresh-at": past},
+                         "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid}]},
+            "data": {".dockerconfigjson": base64::engine::general_purpose::STANDARD.encode("{}")}});
+        s.kubectl.ok(&["apply", "-f", "-"], Some(&forged.to_string())).await;
+        let secret_name = format!("{name}-registry");
+        poll(&format!("the forged Secret {secret_name} deleted"), Duration::from_secs(60), || async {
+            match secrets.get_opt(&secret_name).await.unwrap() {
+                None => Some(()),
+                Some(x) => {
+                    let config = String::from_utf8(x.data.unwrap()[".dockerconfigjson"].0.clone()).unwrap();
+                    assert_eq!(config, "{}", "the forged Secret {secret_name} got a credential");
+                    None
+                }
+            }
+        })
+        .await;
+        s.kubectl.ok(&["delete", "pod", &name, "-n", &s.ns, "--wait=false"], None).await;
+    }
+    let controller_logs: Vec<String> =
+        s.controllers.iter().map(|c| std::fs::read_to_string(&c.daemon.log).unwrap()).collect();
+    assert!(
+        controller_logs.iter().any(|l| l.contains("no ImageBuild records this pod")),
+        "the refresher says why it deleted a Secret"
+    );
 
     // No credential in the controller's log, in an Event or in a status.
     let token = base64::engine::general_purpose::STANDARD.encode(format!("AWS:{password}"));
