@@ -48,6 +48,15 @@ fn placed(selector: &[(&str, &str)], tolerations: Vec<Toleration>) -> ImageBuild
     ib
 }
 
+/// The inline sample with the placement its comment shows.
+fn sample_placed() -> ImageBuild {
+    let mut ib = sample("inline-dockerfile.yaml");
+    let pod = ib.spec.pod.get_or_insert_with(Default::default);
+    pod.node_selector = Some([("kubernetes.io/arch".to_string(), "amd64".to_string())].into());
+    pod.tolerations = Some(vec![toleration(Some("builds"), "Exists", None, Some("NoSchedule"))]);
+    ib
+}
+
 fn check(p: &Placement, ib: &ImageBuild) -> Result<(), Error> {
     p.check(ib, BuildSecurity::UserNamespace)
 }
@@ -60,8 +69,10 @@ fn by_default_the_controller_allows_no_node_selector_and_no_toleration() {
     let master = toleration(Some("node-role.kubernetes.io/master"), "Exists", None, None);
     assert!(check(&p, &placed(&[], vec![master])).is_err());
     assert!(matches!(check(&p, &placed(&[(CONTROL_PLANE, "")], vec![])), Err(Error::NodeSelector { .. })));
-    // The inline sample asks for kubernetes.io/arch and a `builds` toleration: both need the operator.
-    assert!(matches!(check(&p, &sample("inline-dockerfile.yaml")), Err(Error::NodeSelector { .. })));
+    // What the inline sample shows in a comment, kubernetes.io/arch and a `builds` toleration:
+    // both need the operator. The sample itself places nothing, so it builds on a default install.
+    assert!(matches!(check(&p, &sample_placed()), Err(Error::NodeSelector { .. })));
+    assert_eq!(check(&p, &sample("inline-dockerfile.yaml")), Ok(()));
     assert_eq!(check(&p, &placed(&[], vec![])), Ok(()), "no knobs: nothing to refuse");
     assert_eq!(check(&p, &sample("git-dockerfile.yaml")), Ok(()));
 }
@@ -78,7 +89,7 @@ fn listed_selectors_and_tolerations_are_allowed_and_control_plane_still_refused(
         check(&p, &placed(&[("kubernetes.io/arch", "arm64"), ("pool", "builds")], vec![builds])),
         Ok(())
     );
-    assert_eq!(check(&p, &sample("inline-dockerfile.yaml")), Ok(()), "the sample's knobs, once listed");
+    assert_eq!(check(&p, &sample_placed()), Ok(()), "the sample's commented knobs, once listed");
     assert!(check(&p, &placed(&[("pool", "gpu")], vec![])).is_err(), "pool=builds allows only that value");
     let cp = toleration(Some(CONTROL_PLANE), "Exists", None, Some("NoSchedule"));
     let refused =
@@ -224,7 +235,7 @@ fn settings(placement: Placement, security: BuildSecurity) -> Settings {
 #[test]
 fn a_refused_build_fails_with_policy_denied_before_anything_is_read() {
     let now = "2026-11-30T12:00:00Z".parse().unwrap();
-    let mut ib = sample("inline-dockerfile.yaml");
+    let mut ib = sample_placed();
     ib.metadata.generation = Some(1);
     let cfg = settings(controller(&[]).unwrap(), BuildSecurity::UserNamespace);
     let Step::Act(t) = decide(&ib, &Observed::at(now), &cfg) else {
@@ -257,5 +268,5 @@ fn bob_run_and_the_library_default_allow_everything_as_before() {
     let cp = toleration(Some(CONTROL_PLANE), "Exists", None, None);
     let ib = placed(&[(CONTROL_PLANE, "")], vec![cp, toleration(None, "Exists", None, None)]);
     assert_eq!(check(&p, &ib), Ok(()));
-    assert_eq!(p.check(&sample("inline-dockerfile.yaml"), BuildSecurity::Privileged), Ok(()));
+    assert_eq!(p.check(&sample_placed(), BuildSecurity::Privileged), Ok(()));
 }

@@ -93,8 +93,7 @@ fn inline_dockerfile_is_keyed_pinned_and_projected_from_an_annotation() {
     let spec = p.pod.spec.as_ref().unwrap();
     assert_eq!(spec.active_deadline_seconds, Some(45 * 60));
     assert_eq!(spec.host_users, Some(false), "the builder's root is a user-namespace root");
-    assert_eq!(spec.node_selector.as_ref().unwrap()["kubernetes.io/arch"], "amd64");
-    assert_eq!(spec.tolerations.as_ref().unwrap()[0].key.as_deref(), Some("builds"));
+    assert!(spec.node_selector.is_none() && spec.tolerations.is_none(), "the sample places nothing");
     let limits = container(&p.pod, "build").resources.as_ref().unwrap().limits.as_ref().unwrap();
     assert_eq!(limits["memory"].0, "4Gi");
     secrets_stay_in_their_container(&p.pod);
@@ -250,4 +249,23 @@ fn an_image_source_pod_passes_the_restricted_pod_security_level() {
     let (_, dockerfile) = planned("inline-dockerfile.yaml");
     let violations = restricted_violations(&dockerfile.pod);
     assert!(violations.iter().any(|v| v.contains("build: adds capability")), "{violations:?}");
+}
+
+#[test]
+fn the_pod_knobs_reach_the_build_pod() {
+    let mut ib = sample("inline-dockerfile.yaml");
+    let knobs = ib.spec.pod.get_or_insert_with(Default::default);
+    knobs.node_selector = Some([("kubernetes.io/arch".to_string(), "amd64".to_string())].into());
+    knobs.tolerations = Some(vec![k8s_openapi::api::core::v1::Toleration {
+        key: Some("builds".into()),
+        operator: Some("Exists".into()),
+        effect: Some("NoSchedule".into()),
+        ..Default::default()
+    }]);
+    let p = plan(&ib, &resolved_for(&ib), &PlanConfig::default()).unwrap();
+    let spec = p.pod.spec.as_ref().unwrap();
+    assert_eq!(spec.node_selector.as_ref().unwrap()["kubernetes.io/arch"], "amd64");
+    assert_eq!(spec.tolerations.as_ref().unwrap()[0].key.as_deref(), Some("builds"));
+    let limits = container(&p.pod, "build").resources.as_ref().unwrap().limits.as_ref().unwrap();
+    assert_eq!(limits["memory"].0, "4Gi");
 }
