@@ -253,7 +253,7 @@ fn a_refused_build_fails_with_policy_denied_before_anything_is_read() {
     let mut seen = Observed::at(now);
     seen.credentials = Some(Ok(Access::FromSpec));
     seen.resolved = Some(Ok(resolved_for(&ib)));
-    assert!(matches!(decide(&ib, &seen, &cfg), Step::Observe(Need::Cache(_))));
+    assert!(matches!(decide(&ib, &seen, &cfg), Step::Observe(Need::Pod(_))));
     // The privileged mode outside its namespaces: the same reason.
     ib.spec.pod = None;
     let cfg =
