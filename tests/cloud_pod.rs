@@ -12,11 +12,12 @@ use std::collections::BTreeMap;
 
 use bob::cloud::guard::{SKIP_CONTAINERS, identity_leaks};
 use bob::controller::cloud::{recorded, refreshable};
-use bob::controller::decide::{Access, Created, Effect, Need, Observed, Settings, Step, decide};
+use bob::controller::decide::{Access, Created, Effect, Need, Observed, Settings, Step};
 use bob::controller::pod::use_minted_credential;
 use bob::controller::{PlanConfig, Policy, Resolved};
 use bob::crd::{ImageBuild, Phase};
 use bob::reason::Reason;
+use common::fake_api::decide;
 use common::samples::*;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::NetworkPolicy;

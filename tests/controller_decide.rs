@@ -2,18 +2,20 @@
 //! a reconcile can take ends in a status with a phase and a reason (or, for a running build, a
 //! phase and a message), and asks for nothing it does not need.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bob::controller::decide::{
-    Access, Count, Created, Effect, Failure, Need, Next, Observed, Settings, Slots, Step, Transition, decide,
-    refusal,
+    Access, Count, Created, Effect, Failure, Need, Next, Observed, Settings, Slots, Step, Transition, refusal,
 };
 use bob::controller::metrics::Metrics;
 use bob::controller::{PlanConfig, Policy, Resolved};
 use bob::crd::{ImageBuild, ImageBuildStatus, Phase};
 use bob::layer_cache::Mode;
 use bob::reason::Reason;
+use common::fake_api::decide;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde_json::{Value, json};
@@ -75,6 +77,7 @@ fn act(step: Step) -> Transition {
         Step::Act(t) => t,
         Step::Observe(n) => panic!("expected a transition, got a need: {n:?}"),
         Step::Attempt(p) => panic!("expected a transition, got a create: {:?}", p.metadata.name),
+        Step::Plan => panic!("the fixture helper plans"),
     }
 }
 
@@ -83,6 +86,7 @@ fn need(step: Step) -> Need {
         Step::Observe(n) => n,
         Step::Act(t) => panic!("expected a need, got {t:?}"),
         Step::Attempt(p) => panic!("expected a need, got a create: {:?}", p.metadata.name),
+        Step::Plan => panic!("the fixture helper plans"),
     }
 }
 

@@ -10,12 +10,13 @@ mod common;
 use std::time::Duration;
 
 use bob::cli::{Cli, Command};
-use bob::controller::decide::{Access, Need, Observed, Settings, Step, decide};
+use bob::controller::decide::{Access, Need, Observed, Settings, Step};
 use bob::controller::placement::{Error, Placement};
 use bob::controller::{BuildSecurity, PlanConfig, Policy};
 use bob::crd::{ImageBuild, Phase};
 use bob::reason::Reason;
 use clap::Parser;
+use common::fake_api::decide;
 use common::samples::*;
 use k8s_openapi::api::core::v1::Toleration;
 

@@ -9,7 +9,6 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
-use super::plan::plan;
 use super::policy::{AfterFailure, queue_limit, wait_backoff};
 use super::status::{self, PodState, observe};
 pub use super::step::*;
@@ -105,9 +104,10 @@ fn start(ib: &ImageBuild, old: ImageBuildStatus, attempt: u32, seen: &Observed, 
         Some(Ok(r)) => r,
     };
     let access = if seen.minted { Access::Minted } else { access };
-    let planned = match plan(ib, resolved, &cfg.plan) {
-        Ok(p) => p,
-        Err(e) => return Step::Act(finish(status::failed_with(s, e.reason(), e.to_string(), now))),
+    let planned = match &seen.plan {
+        None => return Step::Plan,
+        Some(Ok(p)) => p,
+        Some(Err(e)) => return Step::Act(finish(status::failed_with(s, e.reason(), e.to_string(), now))),
     };
     s.cache_key = planned.key.clone();
     s.base_image = Some(ImageRef::new(&planned.base_ref, resolved.image_digest.clone()));
@@ -158,7 +158,7 @@ fn start(ib: &ImageBuild, old: ImageBuildStatus, attempt: u32, seen: &Observed, 
     }
     match &seen.created {
         None => {
-            let mut pod = planned.pod;
+            let mut pod = planned.pod.clone();
             pod.metadata.name = Some(pod_name);
             if access == Access::Minted {
                 super::pod::use_minted_credential(&mut pod);

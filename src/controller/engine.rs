@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 
 use super::decide::{Need, Observed, Settings, Step, Transition, decide};
+use super::plan::plan;
 use crate::crd::ImageBuild;
 
 /// More steps than `decide` can ask for: each need fills its own fact.
@@ -52,6 +53,15 @@ pub async fn run<W: World + Send>(
     for _ in 0..MAX_STEPS {
         match decide(ib, &seen, cfg) {
             Step::Act(t) => return Ok(t),
+            Step::Plan => {
+                let Some(Ok(resolved)) = &seen.resolved else {
+                    return Err(Stuck { need: "a plan before the inputs are resolved".into() });
+                };
+                if seen.plan.is_some() {
+                    return Err(Stuck { need: "a second plan".into() });
+                }
+                seen.plan = Some(plan(ib, resolved, &cfg.plan).map(Box::new));
+            }
             Step::Attempt(pod) => {
                 if std::mem::replace(&mut attempted, true) {
                     return Err(Stuck { need: "a second pod create in one reconcile".into() });

@@ -6,7 +6,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 
-use super::plan::{PlanConfig, Resolved};
+use super::plan::{Invalid, Plan, PlanConfig, Resolved};
 use super::policy::Policy;
 use crate::crd::{ImageBuildStatus, Phase};
 use crate::oci::Reference;
@@ -94,6 +94,8 @@ pub struct Observed {
     pub minted: bool,
     /// Digests, commit and Dockerfile the plan needs.
     pub resolved: Option<Result<Resolved, Failure>>,
+    /// The plan (key, references, the finished pod), made once from `resolved` by the engine.
+    pub plan: Option<Result<Box<Plan>, Invalid>>,
     /// The workspace image, if it exists (a cache hit).
     pub cache: Option<Lookup>,
     /// Build slots.
@@ -117,6 +119,7 @@ impl Observed {
             credentials: None,
             minted: false,
             resolved: None,
+            plan: None,
             cache: None,
             slots: None,
             created: None,
@@ -257,6 +260,8 @@ pub struct Transition {
 pub enum Step {
     /// Look at this, then decide again.
     Observe(Need),
+    /// Plan the build from what was resolved (pure, done once by the engine), then decide again.
+    Plan,
     /// Create this build pod, then decide again with the answer (`Observed::created`): the one
     /// write of a reconcile whose outcome is a fact, at most once per reconcile.
     Attempt(Box<Pod>),
