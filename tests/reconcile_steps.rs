@@ -279,3 +279,23 @@ async fn a_pod_read_that_fails_keeps_the_build_and_its_attempt() {
     assert!(routes(&steps, Part::Attempt).is_empty(), "no new attempt for an unknown pod");
     assert_eq!(api.pods.lock().unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_pod_is_deleted_only_if_it_is_still_the_one_decided_about() {
+    let (reg, config, _) = registry().await;
+    let api = api(registry_secret("reg", &config));
+    let ctx = context(api.client.clone());
+    let ib = image_build("evicted", spec(&reg), None);
+    let (_, _, status) = reconcile(&api, &ctx, &ib).await;
+    let building = status.unwrap();
+    let pod = pod_of(&api);
+    api.pods.lock().unwrap().get_mut(&pod).unwrap()["status"] =
+        json!({"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."});
+    let (steps, _, status) = reconcile(&api, &ctx, &with_status(&ib, &building)).await;
+    assert_eq!(status.unwrap()["reason"], "PodEvicted");
+    let deletes: Vec<&Call> =
+        steps.iter().filter(|(p, c)| *p == Part::Act && c.method == Method::DELETE).map(|(_, c)| c).collect();
+    assert_eq!(deletes.len(), 1, "the evicted pod is cleaned up: {steps:?}");
+    assert!(deletes[0].route().ends_with(&format!("/pods/{pod}")), "{}", deletes[0].path);
+    assert_eq!(deletes[0].body["preconditions"]["uid"], "pod-uid-1", "by its UID: {}", deletes[0].body);
+}

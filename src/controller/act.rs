@@ -113,14 +113,28 @@ async fn claim(ib: &ImageBuild, cluster: &Cluster<'_>, effect: Effect) -> Result
 
 /// Deletes pod `name` if it is still the one of `uid`; gone already is done.
 async fn delete_pod(pods: &Api<Pod>, name: &str, uid: &str, grace: Option<u32>) -> Result<(), kube::Error> {
+    delete_exact(pods, name, uid, grace).await
+}
+
+/// Deletes object `name` only if it is still the one of `uid` (a precondition, so a retried or
+/// late delete never removes an object made since under the same name). Gone already, or
+/// replaced (409), is done.
+pub async fn delete_exact<K>(
+    api: &Api<K>,
+    name: &str,
+    uid: &str,
+    grace: Option<u32>,
+) -> Result<(), kube::Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
     let params = DeleteParams {
         grace_period_seconds: grace,
         preconditions: Some(Preconditions { uid: Some(uid.to_string()), resource_version: None }),
         ..Default::default()
     };
-    match pods.delete(name, &params).await {
+    match api.delete(name, &params).await {
         Ok(_) => Ok(()),
-        // 404: gone already; 409: a new pod of that name, not the one decided about.
         Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
         Err(e) => Err(e),
     }

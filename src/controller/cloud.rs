@@ -12,7 +12,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 
 use super::decide::Failure;
@@ -238,12 +238,11 @@ pub async fn ensure_secret(
             let secret_name = secret::name(&name);
             match api.get_opt(&secret_name).await? {
                 Some(existing) if belongs_to(&existing, pod) => Ok(()),
-                _ => {
+                existing => {
                     tracing::warn!(namespace = %ns, secret = %secret_name, "replacing a Secret that is not this build pod's credential");
-                    match api.delete(&secret_name, &DeleteParams::default()).await {
-                        Ok(_) => {}
-                        Err(kube::Error::Api(e)) if e.code == 404 => {}
-                        Err(e) => return Err(e),
+                    if let Some(existing) = existing {
+                        let uid = existing.uid().unwrap_or_default();
+                        super::act::delete_exact(&api, &secret_name, &uid, None).await?;
                     }
                     api.create(&params, &s).await.map(|_| ())
                 }
@@ -294,11 +293,9 @@ async fn refresh_pod(client: &Client, broker: &Broker, pod: &Pod) -> Result<(), 
     if !belongs_to(&s, pod) {
         return Ok(());
     }
-    let finished =
-        matches!(pod.status.as_ref().and_then(|st| st.phase.as_deref()), Some("Succeeded" | "Failed"));
-    if finished {
+    if super::status::is_over(pod) {
         // The build is over: its credential has nothing left to do.
-        api.delete(&name, &DeleteParams::default()).await?;
+        super::act::delete_exact(&api, &name, &s.uid().unwrap_or_default(), None).await?;
         tracing::info!(namespace = %ns, secret = %name, "deleted the minted registry credential of a finished build");
         return Ok(());
     }
@@ -311,7 +308,7 @@ async fn refresh_pod(client: &Client, broker: &Broker, pod: &Pod) -> Result<(), 
     // Checked only once the Secret is due, so a pod whose status is still being written (it
     // was minted a moment ago, due at half its life) is never mistaken for a forged one.
     if let Err(why) = may_refresh(client, pod).await? {
-        api.delete(&name, &DeleteParams::default()).await?;
+        super::act::delete_exact(&api, &name, &s.uid().unwrap_or_default(), None).await?;
         tracing::warn!(namespace = %ns, secret = %name, pod = %pod.name_any(), "deleted a registry credential Secret instead of refreshing it: {why}");
         return Ok(());
     }
@@ -323,7 +320,7 @@ async fn refresh_pod(client: &Client, broker: &Broker, pod: &Pod) -> Result<(), 
     let grants = match broker.grants(&ns, &labels, &wanted) {
         Ok(g) if !g.is_empty() => g,
         Ok(_) | Err(_) => {
-            api.delete(&name, &DeleteParams::default()).await?;
+            super::act::delete_exact(&api, &name, &s.uid().unwrap_or_default(), None).await?;
             tracing::warn!(namespace = %ns, secret = %name, "deleted a minted registry credential the mapping no longer allows");
             return Ok(());
         }

@@ -279,11 +279,9 @@ pub async fn sweep_once(
         let ns = log.namespace().unwrap_or_default();
         if expired {
             let api: Api<BuildLog> = Api::namespaced(client.clone(), &ns);
-            match api.delete(&log.name_any(), &Default::default()).await {
-                Ok(_) => deleted += 1,
-                Err(kube::Error::Api(e)) if e.code == 404 => deleted += 1,
-                Err(e) => return Err(e),
-            }
+            let uid = log.uid().unwrap_or_default();
+            super::act::delete_exact(&api, &log.name_any(), &uid, None).await?;
+            deleted += 1;
             tracing::info!(buildlog = %log.name_any(), namespace = %ns, "deleted an expired build log");
         }
     }
