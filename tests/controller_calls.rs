@@ -25,11 +25,7 @@ const PASSWORD: &str = "ctrl-pass-41";
 
 /// A registry with basic auth holding one image at `lib/app:1`; the Secret's docker config.
 async fn registry() -> (Registry, String, Image) {
-    let reg = Registry::start(RegistryAuth::Basic { user: "ctrl", password: PASSWORD });
-    let config = docker_config(&reg.host, "ctrl", PASSWORD);
-    let img = small_image(31, "amd64");
-    Direct::new(&reg.host, Some(&config)).push_image("lib/app", "1", &img).await;
-    (reg, config, img)
+    registry_with_app("ctrl", PASSWORD, 31).await
 }
 
 fn image_spec(reg: &Registry) -> Value {

@@ -131,11 +131,7 @@ fn api(secret: Value) -> Api {
 
 /// A registry with an image at `lib/app:1`; the Secret's docker config and the image.
 async fn registry() -> (Registry, String, Image) {
-    let reg = Registry::start(RegistryAuth::Basic { user: "steps", password: PASSWORD });
-    let config = docker_config(&reg.host, "steps", PASSWORD);
-    let img = small_image(47, "amd64");
-    Direct::new(&reg.host, Some(&config)).push_image("lib/app", "1", &img).await;
-    (reg, config, img)
+    registry_with_app("steps", PASSWORD, 47).await
 }
 
 fn spec(reg: &Registry) -> Value {

@@ -150,3 +150,17 @@ pub fn decide(
         step => step,
     }
 }
+
+/// A registry with basic auth (`user`, `password`) holding one small image (made from `seed`) at
+/// `lib/app:1`; the docker config of a Secret for it, and the image.
+pub async fn registry_with_app(
+    user: &str,
+    password: &str,
+    seed: u64,
+) -> (super::Registry, String, super::Image) {
+    let reg = super::Registry::start(super::RegistryAuth::Basic { user, password });
+    let config = super::docker_config(&reg.host, user, password);
+    let img = super::small_image(seed, "amd64");
+    super::Direct::new(&reg.host, Some(&config)).push_image("lib/app", "1", &img).await;
+    (reg, config, img)
+}
