@@ -256,6 +256,7 @@ impl<'a> Cluster<'a> {
     ///
     /// Also returns the UID of the pod created, joined or found, for the status to record.
     async fn create(&self, ib: &ImageBuild, pod: &Pod) -> Result<(Created, Option<String>), kube::Error> {
+        self.ctx.leading()?;
         let api: Api<Pod> = self.api();
         let name = pod.metadata.name.clone().unwrap_or_default();
         let (existing, created) = match api.get_opt(&name).await? {
@@ -384,6 +385,7 @@ fn api_failure(what: &str, e: &kube::Error) -> Failure {
 /// Carries out a transition: the status first (one server-side apply), then the effects, which
 /// are best effort and never fail the reconcile.
 pub async fn act(ib: &ImageBuild, ctx: &Context, t: Transition) -> Result<Action, Error> {
+    ctx.leading()?;
     if let Some(s) = &t.status {
         patch_status(ib, ctx, s).await?;
         if let (Some(phase), Some(reason)) = (s.phase, s.reason) {
