@@ -12,11 +12,12 @@ use std::collections::BTreeMap;
 
 use bob::cloud::guard::{SKIP_CONTAINERS, identity_leaks};
 use bob::controller::cloud::{recorded, refreshable};
-use bob::controller::decide::{Access, Created, Need, Observed, Settings, Step, decide};
+use bob::controller::decide::{Access, Created, Effect, Need, Observed, Settings, Step};
 use bob::controller::pod::use_minted_credential;
 use bob::controller::{PlanConfig, Policy, Resolved};
 use bob::crd::{ImageBuild, Phase};
 use bob::reason::Reason;
+use common::fake_api::decide;
 use common::samples::*;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -178,7 +179,9 @@ fn a_minted_build_creates_its_pod_with_the_credential_and_fails_on_an_identity()
     o.credentials = Some(Ok(Access::Minted));
     o.resolved = Some(Ok(Resolved { image_digest: Some(DIGEST.into()), ..Default::default() }));
     o.cache = Some(Ok(None));
-    let Step::Observe(Need::Create(pod)) = decide(&b, &o, &settings()) else { panic!("create") };
+    let Step::Observe(Need::Pod(_)) = decide(&b, &o, &settings()) else { panic!("looks for the pod first") };
+    o.pod = Some(None);
+    let Step::Attempt(pod) = decide(&b, &o, &settings()) else { panic!("create") };
     let name = pod.metadata.name.clone().unwrap();
     let volumes: BTreeMap<String, Option<String>> = pod
         .spec
@@ -191,15 +194,24 @@ fn a_minted_build_creates_its_pod_with_the_credential_and_fails_on_an_identity()
         .collect();
     assert_eq!(volumes["registry-auth"], Some(format!("{name}-registry")));
 
-    o.created = Some(Created::Unsafe { leaks: vec!["container build has AWS_ROLE_ARN".into()] });
+    // A webhook gave the build container an IAM role at admission.
+    let stored = mutated(&pod, |v| {
+        v["metadata"]["uid"] = json!("pod-uid-9");
+        let build = v["spec"]["containers"].as_array_mut().unwrap().iter_mut().find(|c| c["name"] == "build");
+        let env = build.unwrap()["env"].as_array_mut().unwrap();
+        env.push(json!({"name": "AWS_ROLE_ARN", "value": "arn:aws:iam::1:role/x"}));
+    });
+    o.created = Some(Created::New(Box::new(stored)));
     let Step::Act(t) = decide(&b, &o, &settings()) else { panic!("a transition") };
+    assert_eq!(
+        t.effects.first(),
+        Some(&Effect::DeletePod { pod: name.clone(), uid: "pod-uid-9".into() }),
+        "the unsafe pod is deleted (by its UID) before the status is written"
+    );
     let s = t.status.unwrap();
     assert_eq!((s.phase, s.reason), (Some(Phase::Failed), Some(Reason::PodRejected)));
     let message = s.message.unwrap();
-    assert!(
-        message.contains("container build has AWS_ROLE_ARN") && message.contains("serviceAccountName"),
-        "{message}"
-    );
+    assert!(message.contains("AWS_ROLE_ARN") && message.contains("serviceAccountName"), "{message}");
     assert!(s.pod_name.is_none(), "the deleted pod is not followed");
 }
 

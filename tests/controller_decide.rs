@@ -2,19 +2,20 @@
 //! a reconcile can take ends in a status with a phase and a reason (or, for a running build, a
 //! phase and a message), and asks for nothing it does not need.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use bob::controller::cluster::count;
 use bob::controller::decide::{
-    Access, Count, Created, Effect, Failure, Need, Next, Observed, Settings, Slots, Step, Transition, decide,
-    refusal,
+    Access, Count, Created, Effect, Failure, Need, Next, Observed, Settings, Slots, Step, Transition, refusal,
 };
 use bob::controller::metrics::Metrics;
 use bob::controller::{PlanConfig, Policy, Resolved};
 use bob::crd::{ImageBuild, ImageBuildStatus, Phase};
 use bob::layer_cache::Mode;
 use bob::reason::Reason;
+use common::fake_api::decide;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde_json::{Value, json};
@@ -57,13 +58,26 @@ fn planned() -> Observed {
     o.credentials = Some(Ok(Access::FromSpec));
     o.resolved = Some(Ok(Resolved { image_digest: Some(DIGEST.into()), ..Default::default() }));
     o.cache = Some(Ok(None));
+    o.pod = Some(None);
     o
+}
+
+/// The attempt's pod as the API server stored it, owned by the ImageBuilds of `owners` (UIDs).
+fn stored(owners: &[&str]) -> Box<Pod> {
+    let owners: Vec<Value> = owners
+        .iter()
+        .map(|uid| json!({"apiVersion": "bob.dev/v1alpha1", "kind": "ImageBuild", "name": "x", "uid": uid}))
+        .collect();
+    let v = json!({"metadata": {"name": "bob-build-x-1", "uid": "pod-uid-1", "ownerReferences": owners}});
+    Box::new(serde_json::from_value(v).unwrap())
 }
 
 fn act(step: Step) -> Transition {
     match step {
         Step::Act(t) => t,
         Step::Observe(n) => panic!("expected a transition, got a need: {n:?}"),
+        Step::Attempt(p) => panic!("expected a transition, got a create: {:?}", p.metadata.name),
+        Step::Plan => panic!("the fixture helper plans"),
     }
 }
 
@@ -71,6 +85,8 @@ fn need(step: Step) -> Need {
     match step {
         Step::Observe(n) => n,
         Step::Act(t) => panic!("expected a need, got {t:?}"),
+        Step::Attempt(p) => panic!("expected a need, got a create: {:?}", p.metadata.name),
+        Step::Plan => panic!("the fixture helper plans"),
     }
 }
 
@@ -111,13 +127,17 @@ fn a_new_build_asks_in_order_for_what_it_needs_and_nothing_more() {
     o.credentials = Some(Ok(Access::FromSpec));
     assert_eq!(need(decide(&b, &o, &cfg)), Need::Resolve);
     o.resolved = Some(Ok(Resolved { image_digest: Some(DIGEST.into()), ..Default::default() }));
+    // The attempt's pod is looked for first: one whose create or status write lost its answer.
+    let Need::Pod(name) = need(decide(&b, &o, &cfg)) else { panic!("pod") };
+    assert!(name.ends_with("-1"), "attempt 1's pod");
+    o.pod = Some(None);
     let Need::Cache(r) = need(decide(&b, &o, &cfg)) else { panic!("cache") };
     assert!(r.whole().starts_with("reg.test/ws:"));
     o.cache = Some(Ok(None));
-    let Need::Create(p) = need(decide(&b, &o, &cfg)) else { panic!("create") };
-    assert!(p.metadata.name.unwrap().ends_with("-1"), "attempt 1's pod");
+    let Step::Attempt(p) = decide(&b, &o, &cfg) else { panic!("create") };
+    assert_eq!(p.metadata.name, Some(name), "the pod looked for is the pod created");
     // With a concurrency limit, a slot is asked for first.
-    assert!(matches!(need(decide(&b, &o, &settings(Some(2)))), Need::Slots(_)));
+    assert_eq!(need(decide(&b, &o, &settings(Some(2)))), Need::Slots);
 }
 
 #[test]
@@ -134,15 +154,20 @@ fn a_cache_hit_succeeds_without_a_pod() {
 
 #[test]
 fn started_joined_and_found_pods_are_building_with_an_event() {
-    for (created, counted) in
-        [(Created::Created, Some(true)), (Created::Joined, Some(false)), (Created::Found, None)]
-    {
+    let cases = [
+        (Created::New(stored(&["u-1"])), Some(true), false),
+        (Created::Exists(stored(&["other"])), Some(false), true),
+        (Created::Exists(stored(&["other", "u-1"])), None, false),
+    ];
+    for (created, counted, owns) in cases {
         let mut o = planned();
         o.created = Some(created.clone());
         let t = act(decide(&ib(5, None), &o, &settings(None)));
         assert_eq!(phase_reason(&t), (Phase::Building, None), "{created:?}");
         assert!(status(&t).pod_name.is_some() && status(&t).attempts == Some(1));
         assert_eq!(events(&t), [(false, "Building".to_string())]);
+        let own = Effect::Own("bob-build-x-1".into());
+        assert_eq!(t.effects.contains(&own), owns, "{created:?}: joined pods get this owner");
         let started = t.effects.iter().find_map(|e| match e {
             Effect::Count(Count::PodStarted { created, .. }) => Some(*created),
             _ => None,
@@ -210,15 +235,10 @@ fn waits_back_off_and_end_at_the_queue_time_limit() {
             Reason::SecretInvalid,
             "Secret team/reg key .dockerconfigjson is not a docker config: expected value at line 1 column 1",
         ),
-        Failure::new(Reason::ApiUnavailable, "cannot read Secret reg: forbidden"),
     ];
     for f in cases {
         let mut o = seen();
         o.credentials = Some(Err(f.clone()));
-        if f.reason == Reason::ApiUnavailable {
-            o.credentials = None;
-            o.api_error = Some(f.clone());
-        }
         let first = act(decide(&ib(0, None), &o, &settings(None)));
         assert_eq!(phase_reason(&first), (Phase::Pending, Some(f.reason)));
         assert_eq!(status(&first).message.as_deref(), Some(f.message.as_str()));
@@ -234,6 +254,78 @@ fn waits_back_off_and_end_at_the_queue_time_limit() {
         assert_eq!(phase_reason(&late), (Phase::Failed, Some(Reason::QueueTimeout)));
         assert!(status(&late).message.as_ref().unwrap().contains(&f.message));
     }
+}
+
+fn api_reachable(s: &ImageBuildStatus) -> Option<(String, String, String)> {
+    let c = s.conditions.iter().find(|c| c.type_ == "ApiReachable")?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+#[test]
+fn an_api_error_leaves_phase_reason_and_attempt_and_says_so_in_a_condition() {
+    let mut o = seen();
+    o.api_error = Some(Failure::new(Reason::ApiUnavailable, "cannot read build pod p1: connection reset"));
+    // A running build: an unknown pod is not a gone pod; no new attempt, no new reason.
+    let b = ib(60, Some(building("p1")));
+    let t = act(decide(&b, &o, &settings(None)));
+    let s = status(&t);
+    assert_eq!(
+        (s.phase, s.reason, s.attempts, s.pod_name.as_deref()),
+        (Some(Phase::Building), None, Some(1), Some("p1"))
+    );
+    let reachable =
+        ("False".into(), "ApiUnavailable".into(), "cannot read build pod p1: connection reset".into());
+    assert_eq!(api_reachable(s), Some(reachable));
+    assert_eq!(events(&t), [(true, "ApiUnavailable".to_string())]);
+    assert_eq!(t.next, Next::After(Duration::from_secs(5)));
+    // Still failing: nothing new to write or announce.
+    let again = ib(60, Some(serde_json::to_value(s).unwrap()));
+    let t2 = act(decide(&again, &o, &settings(None)));
+    assert!(t2.status.is_none() && t2.effects.iter().all(|e| !matches!(e, Effect::Event { .. })), "{t2:?}");
+    // The API answers again: the condition goes even though nothing else changed.
+    let mut ok = seen();
+    ok.pod = Some(Some(pod(json!({"phase": "Pending"}))));
+    let mut quiet = serde_json::to_value(s).unwrap();
+    quiet["message"] = json!("build pod p1 is starting");
+    let t3 = act(decide(&ib(60, Some(quiet)), &ok, &settings(None)));
+    let s3 = status(&t3);
+    assert_eq!((s3.phase, api_reachable(s3)), (Some(Phase::Building), None), "{s3:?}");
+    // A new ImageBuild gets a phase all the same.
+    let t4 = act(decide(&ib(0, None), &o, &settings(None)));
+    assert_eq!(phase_reason(&t4), (Phase::Pending, Some(Reason::ApiUnavailable)));
+    assert!(api_reachable(status(&t4)).is_some());
+    // A retry waiting for its backoff keeps its attempt count too.
+    let mut retrying = building("p1");
+    retrying["phase"] = json!("Pending");
+    retrying["podName"] = Value::Null;
+    let t5 = act(decide(&ib(60, Some(retrying)), &o, &settings(None)));
+    assert_eq!((status(&t5).phase, status(&t5).attempts), (Some(Phase::Pending), Some(1)));
+}
+
+#[test]
+fn the_attempts_own_pod_found_before_the_cache_is_followed_not_taken_for_a_cache_hit() {
+    // The pod was created and pushed the image, but the status write after the create was lost.
+    let mut o = planned();
+    o.pod = Some(Some(*stored(&["u-1"])));
+    o.cache = Some(Ok(Some(DIGEST.into())));
+    let t = act(decide(&ib(5, None), &o, &settings(None)));
+    assert_eq!(phase_reason(&t), (Phase::Building, None));
+    assert_eq!(status(&t).pod_name.as_deref(), Some("bob-build-x-1"));
+    assert_eq!(status(&t).cache_hit, Some(false));
+    assert!(
+        !t.effects.iter().any(|e| matches!(e, Effect::Count(Count::PodStarted { .. }))),
+        "not counted twice"
+    );
+    // Another ImageBuild's pod of the key: the image exists, so that is a cache hit for this one.
+    o.pod = Some(Some(*stored(&["other"])));
+    assert_eq!(
+        phase_reason(&act(decide(&ib(5, None), &o, &settings(None)))),
+        (Phase::Succeeded, Some(Reason::CacheHit))
+    );
+    // ... and without the image, this one joins it (no slot, no create).
+    o.cache = Some(Ok(None));
+    let t = act(decide(&ib(5, None), &o, &settings(Some(1))));
+    assert!(t.effects.contains(&Effect::Own("bob-build-x-1".into())), "{t:?}");
 }
 
 #[test]
@@ -345,7 +437,7 @@ fn a_verified_build_reports_its_layer_cache_in_status_and_metrics() {
     let counted = Count::LayerCache { mode: Mode::ReadOnly, hits: 3 };
     assert!(t.effects.contains(&Effect::Count(counted.clone())), "{:?}", t.effects);
     let metrics = Metrics::default();
-    count(&metrics, counted);
+    metrics.count(counted);
     let text = metrics.encode();
     assert!(text.contains("bob_layer_cache_hits_total 3"), "{text}");
     assert!(text.contains(r#"bob_layer_cache_builds_total{mode="ReadOnly"} 1"#), "{text}");
@@ -384,7 +476,9 @@ fn every_transition_that_writes_has_a_phase_and_every_terminal_one_a_reason() {
     let facts: Vec<Observed> = {
         let mut v = vec![seen()];
         let mut o = planned();
-        for created in [Created::Created, Created::Refused { code: 403, message: "exceeded quota".into() }] {
+        for created in
+            [Created::New(stored(&["u-1"])), Created::Refused { code: 403, message: "exceeded quota".into() }]
+        {
             o.created = Some(created);
             v.push(o.clone());
         }
@@ -413,7 +507,7 @@ fn every_transition_that_writes_has_a_phase_and_every_terminal_one_a_reason() {
 #[test]
 fn each_attempt_records_where_its_log_is_and_ships_it_while_it_runs() {
     let mut o = planned();
-    o.created = Some(Created::Created);
+    o.created = Some(Created::New(stored(&["u-1"])));
     let t = act(decide(&ib(5, None), &o, &settings(None)));
     let name = status(&t).pod_name.clone().unwrap();
     assert_eq!(status(&t).log_refs, [bob::crd::LogRef { attempt: 1, build_log: name.clone() }]);
@@ -430,7 +524,7 @@ fn each_attempt_records_where_its_log_is_and_ships_it_while_it_runs() {
     retried["podName"] = Value::Null;
     retried["nextAttemptAt"] = json!((now() - SignedDuration::from_secs(1)).to_string());
     let mut o2 = planned();
-    o2.created = Some(Created::Created);
+    o2.created = Some(Created::New(stored(&["u-1"])));
     let t3 = act(decide(&ib(60, Some(retried)), &o2, &settings(None)));
     let refs: Vec<i32> = status(&t3).log_refs.iter().map(|r| r.attempt).collect();
     assert_eq!(refs, [1, 2]);
@@ -438,10 +532,9 @@ fn each_attempt_records_where_its_log_is_and_ships_it_while_it_runs() {
 
 #[test]
 fn the_status_records_the_uid_of_the_pod_it_created_joined_or_found() {
-    for created in [Created::Created, Created::Joined, Created::Found] {
+    for created in [Created::New(stored(&["u-1"])), Created::Exists(stored(&["other"]))] {
         let mut o = planned();
         o.created = Some(created.clone());
-        o.pod_uid = Some("pod-uid-1".into());
         let t = act(decide(&ib(5, None), &o, &settings(None)));
         assert_eq!(status(&t).pod_uid.as_deref(), Some("pod-uid-1"), "{created:?}");
     }

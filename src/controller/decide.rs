@@ -5,10 +5,10 @@
 
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
-use super::plan::plan;
 use super::policy::{AfterFailure, queue_limit, wait_backoff};
 use super::status::{self, PodState, observe};
 pub use super::step::*;
@@ -18,6 +18,23 @@ use crate::reason::Reason;
 
 /// Decides what to look at next, or what to do.
 pub fn decide(ib: &ImageBuild, seen: &Observed, cfg: &Settings) -> Step {
+    match decide_step(ib, seen, cfg) {
+        // The API answered this time: an `ApiReachable=False` of an earlier look goes, even when
+        // nothing else changes.
+        Step::Act(mut t) if seen.api_error.is_none() && t.status.is_none() => {
+            let old = ib.status.as_ref();
+            if old.is_some_and(|s| s.conditions.iter().any(|c| c.type_ == status::API_REACHABLE)) {
+                let mut s = old.cloned().unwrap_or_default();
+                s.conditions.retain(|c| c.type_ != status::API_REACHABLE);
+                t.status = Some(s);
+            }
+            Step::Act(t)
+        }
+        step => step,
+    }
+}
+
+fn decide_step(ib: &ImageBuild, seen: &Observed, cfg: &Settings) -> Step {
     let old = ib.status.clone().unwrap_or_default();
     let generation = ib.metadata.generation;
     let current = old.observed_generation == generation;
@@ -26,9 +43,8 @@ pub fn decide(ib: &ImageBuild, seen: &Observed, cfg: &Settings) -> Step {
         return Step::Act(Transition { status: None, effects: Vec::new(), next: Next::Change });
     }
     if let Some(f) = &seen.api_error {
-        let mut s = old.clone();
-        s.observed_generation = generation;
-        return Step::Act(wait(ib, &old, s, f.clone(), seen.now, cfg));
+        // Unknown is not absent: nothing observed this time is taken for a fact.
+        return Step::Act(unreachable(ib, old, f, seen.now));
     }
     if ib.spec.cancel {
         let tail = match (&old.pod_name, &seen.log_tail) {
@@ -87,13 +103,27 @@ fn start(ib: &ImageBuild, old: ImageBuildStatus, attempt: u32, seen: &Observed, 
         Some(Err(f)) => return Step::Act(finish(status::failed_with(s, f.reason, &f.message, now))),
         Some(Ok(r)) => r,
     };
-    let planned = match plan(ib, resolved, &cfg.plan) {
-        Ok(p) => p,
-        Err(e) => return Step::Act(finish(status::failed_with(s, e.reason(), e.to_string(), now))),
+    let access = if seen.minted { Access::Minted } else { access };
+    let planned = match &seen.plan {
+        None => return Step::Plan,
+        Some(Ok(p)) => p,
+        Some(Err(e)) => return Step::Act(finish(status::failed_with(s, e.reason(), e.to_string(), now))),
     };
     s.cache_key = planned.key.clone();
     s.base_image = Some(ImageRef::new(&planned.base_ref, resolved.image_digest.clone()));
     s.output = Some(ImageRef::new(&planned.workspace_ref, None));
+    let secret = ib.spec.registry_auth.as_ref().map(|a| a.secret_ref.name.as_str());
+    let pod_name = super::pod::pod_name(secret, &planned.workspace_ref, attempt);
+    // This attempt's pod may exist before the status says so: a create whose answer was lost, or a
+    // status write after it. It is followed, not built again, and never taken for a cache hit.
+    let existing = match &seen.pod {
+        None => return Step::Observe(Need::Pod(pod_name)),
+        Some(found) => found.as_ref(),
+    };
+    if let Some(pod) = existing.filter(|p| owned_by(p, ib)) {
+        s.cache_hit = Some(false);
+        return started(ib, s, attempt, pod, access, seen);
+    }
     if !ib.spec.force_rebuild {
         match &seen.cache {
             None => return Step::Observe(Need::Cache(planned.workspace.clone())),
@@ -112,11 +142,13 @@ fn start(ib: &ImageBuild, old: ImageBuildStatus, attempt: u32, seen: &Observed, 
         }
     }
     s.cache_hit = Some(false);
-    let secret = ib.spec.registry_auth.as_ref().map(|a| a.secret_ref.name.as_str());
-    let pod_name = super::pod::pod_name(secret, &planned.workspace_ref, attempt);
+    if let Some(pod) = existing {
+        // Another ImageBuild of the same key runs it: join it (no slot needed).
+        return started(ib, s, attempt, pod, access, seen);
+    }
     if cfg.max_concurrent_builds.is_some() {
         match &seen.slots {
-            None => return Step::Observe(Need::Slots(pod_name)),
+            None => return Step::Observe(Need::Slots),
             Some(Slots { position: Some(place), running, max }) => {
                 let message = format!("queued at position {place}: {running} of {max} builds running");
                 return Step::Act(queued(ib, &old, s, &message, now, cfg));
@@ -124,56 +156,129 @@ fn start(ib: &ImageBuild, old: ImageBuildStatus, attempt: u32, seen: &Observed, 
             Some(_) => {}
         }
     }
-    let created = match &seen.created {
+    match &seen.created {
         None => {
-            let mut pod = planned.pod;
+            let mut pod = planned.pod.clone();
             pod.metadata.name = Some(pod_name);
             if access == Access::Minted {
                 super::pod::use_minted_credential(&mut pod);
             }
-            return Step::Observe(Need::Create(Box::new(pod)));
+            Step::Attempt(Box::new(pod))
         }
-        Some(c) => c,
-    };
-    let message = match created {
-        Created::Created => format!("build pod {pod_name} started"),
-        Created::Joined => {
-            format!("joined build pod {pod_name}, started by another ImageBuild with the same key")
-        }
-        Created::Found => format!("build pod {pod_name} found (started before a restart)"),
-        Created::Unsafe { leaks } => {
-            let message = format!(
-                "build pod {pod_name} was given a cloud identity at admission ({}) and was deleted: \
-                 build pods must have none; use a ServiceAccount without an IAM role \
-                 (eks.amazonaws.com/role-arn, a Pod Identity association) in spec.pod.serviceAccountName",
-                leaks.join("; ")
-            );
-            return Step::Act(finish(status::failed_with(s, Reason::PodRejected, message, now)));
-        }
-        Created::Refused { code, message } => {
+        Some(Created::New(pod) | Created::Exists(pod)) => started(ib, s, attempt, pod, access, seen),
+        Some(Created::Refused { code, message }) => {
             let f = refusal(*code, &pod_name, message);
             if waits(f.reason) {
                 return Step::Act(wait(ib, &old, s, f, now, cfg));
             }
-            return Step::Act(finish(status::failed_with(s, f.reason, f.message, now)));
+            Step::Act(finish(status::failed_with(s, f.reason, f.message, now)))
         }
+    }
+}
+
+/// How the ImageBuild came to its attempt's pod.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// This reconcile created it.
+    Created,
+    /// Another ImageBuild of the same key created it; this one becomes an owner too.
+    Joined,
+    /// This ImageBuild owns it already (an answer or a status write was lost, or a restart).
+    Found,
+}
+
+/// The attempt's pod exists (created now, or found): `Building` on it — unless admission gave it
+/// a cloud identity, which ends the build and deletes the pod.
+fn started(
+    ib: &ImageBuild,
+    mut s: ImageBuildStatus,
+    attempt: u32,
+    pod: &Pod,
+    access: Access,
+    seen: &Observed,
+) -> Step {
+    let now = seen.now;
+    let pod_name = pod.metadata.name.clone().unwrap_or_default();
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let how = match (&seen.created, owned_by(pod, ib)) {
+        (Some(Created::New(_)), _) => Start::Created,
+        (_, true) => Start::Found,
+        _ => Start::Joined,
     };
+    // The pod as admission left it: a webhook that gave a container a cloud identity (IRSA,
+    // Pod Identity, AWS keys) despite the skip annotation makes it unsafe to run.
+    let leaks = crate::cloud::guard::identity_leaks(pod);
+    if !leaks.is_empty() {
+        let message = format!(
+            "build pod {pod_name} was given a cloud identity at admission ({}) and was deleted: \
+             build pods must have none; use a ServiceAccount without an IAM role \
+             (eks.amazonaws.com/role-arn, a Pod Identity association) in spec.pod.serviceAccountName",
+            leaks.join("; ")
+        );
+        let mut t = finish(status::failed_with(s, Reason::PodRejected, message, now));
+        t.effects.insert(0, Effect::DeletePod { pod: pod_name, uid });
+        return Step::Act(t);
+    }
+    let message = match how {
+        Start::Created => format!("build pod {pod_name} started"),
+        Start::Joined => {
+            format!("joined build pod {pod_name}, started by another ImageBuild with the same key")
+        }
+        Start::Found => format!("build pod {pod_name} found (its start was not recorded)"),
+    };
+    let mut effects = Vec::new();
+    if how == Start::Joined {
+        effects.push(Effect::Own(pod_name.clone()));
+    }
+    if access == Access::Minted {
+        effects.push(Effect::Credential { pod: pod_name.clone(), uid: uid.clone() });
+    }
     s.log_refs.retain(|r| r.attempt != attempt as i32);
     s.log_refs.push(LogRef { attempt: attempt as i32, build_log: pod_name.clone() });
-    let mut effects = vec![
-        Effect::Event { warning: false, reason: "Building".into(), note: message.clone() },
-        Effect::ShipLog { pod: pod_name.clone(), attempt },
-    ];
+    effects.push(Effect::Event { warning: false, reason: "Building".into(), note: message.clone() });
+    effects.push(Effect::ShipLog { pod: pod_name.clone(), attempt });
     s.pod_name = Some(pod_name);
     // The pod by its UID too: the credential refresher feeds only the pod recorded here.
-    s.pod_uid = seen.pod_uid.clone();
+    s.pod_uid = pod.metadata.uid.clone();
     s.attempts = Some(attempt as i32);
-    if *created != Created::Found {
+    if how != Start::Found {
         let waited = s.start_time.as_ref().map_or(0.0, |t| now.duration_since(t.0).as_secs_f64().max(0.0));
-        effects.push(Effect::Count(Count::PodStarted { created: *created == Created::Created, waited }));
+        effects.push(Effect::Count(Count::PodStarted { created: how == Start::Created, waited }));
     }
     let status = status::in_progress(s, Phase::Building, None, &message, now);
     Step::Act(Transition { status: Some(status), effects, next: Next::After(POLL) })
+}
+
+/// Whether `ib` is among the owners of `pod`.
+fn owned_by(pod: &Pod, ib: &ImageBuild) -> bool {
+    let uid = ib.metadata.uid.as_deref().unwrap_or_default();
+    pod.metadata.owner_references.iter().flatten().any(|o| o.uid == uid)
+}
+
+/// An API call failed: phase, reason and attempt stay as they are (a new ImageBuild becomes
+/// `Pending`), and the condition `ApiReachable=False` says why until the API answers again.
+fn unreachable(ib: &ImageBuild, old: ImageBuildStatus, f: &Failure, now: Timestamp) -> Transition {
+    let known = old.conditions.iter().find(|c| c.type_ == status::API_REACHABLE).cloned();
+    let since = known.as_ref().map_or(now, |c| c.last_transition_time.0);
+    let mut s = old;
+    let fresh = s.phase.is_none();
+    if fresh {
+        s.observed_generation = ib.metadata.generation;
+        s.start_time = Some(Time(now));
+        s = status::in_progress(s, Phase::Pending, Some(Reason::ApiUnavailable), &f.message, now);
+    }
+    s.conditions.retain(|c| c.type_ != status::API_REACHABLE);
+    s.conditions.push(status::api_unreachable(&f.message, since));
+    let effects = match known {
+        None => vec![Effect::Event {
+            warning: true,
+            reason: Reason::ApiUnavailable.to_string(),
+            note: f.message.clone(),
+        }],
+        Some(_) => Vec::new(),
+    };
+    let next = wait_backoff(now.duration_since(since).unsigned_abs());
+    Transition { status: (known.is_none() || fresh).then_some(s), effects, next: Next::After(next) }
 }
 
 /// A build runs: read its pod; a reported success is verified in the registry.

@@ -17,6 +17,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use super::step::Count;
+
 /// Labels of a finished build.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
@@ -174,6 +176,34 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts `c`.
+    pub fn count(&self, c: Count) {
+        match c {
+            Count::Finished { phase, reason, seconds } => {
+                let labels = OutcomeLabels { outcome: format!("{phase:?}"), reason: reason.to_string() };
+                self.builds.get_or_create(&labels).inc();
+                if let Some(s) = seconds {
+                    self.build_duration.observe(s);
+                }
+            }
+            Count::PodStarted { created, waited } => {
+                if created {
+                    self.pods_created.inc()
+                } else {
+                    self.pods_joined.inc()
+                };
+                self.queue_wait.observe(waited);
+            }
+            Count::Retry(reason) => {
+                self.retries.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
+            }
+            Count::LayerCache { mode, hits } => {
+                self.layer_cache_builds.get_or_create(&ModeLabel { mode: mode.as_str().into() }).inc();
+                self.layer_cache_hits.inc_by(hits.into());
+            }
+        }
+    }
+
     /// The OpenMetrics text of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();

@@ -1,16 +1,18 @@
-//! `bob controller`: watches ImageBuilds (and the pods they own), and reconciles each one as
-//! named steps (`reconcile.rs`) around a pure middle (`plan.rs`, `pod.rs`, `status.rs`).
-//! `bob run` uses the same planning code without a cluster.
+//! `bob controller`: watches ImageBuilds (and the pods they own), and reconciles each one
+//! (`reconcile.rs`): observe (`observe.rs`, reads only) → decide (`decide.rs`, pure) → act
+//! (`act.rs`, every write). `bob run` drives the same decision on its own world (`local/`).
 
+pub mod access;
+pub mod act;
 pub mod cache_scope;
 pub mod cloud;
-pub mod cluster;
 mod containers;
 pub mod decide;
 pub mod engine;
 pub mod ha;
 pub mod logship;
 pub mod metrics;
+pub mod observe;
 pub mod placement;
 pub mod plan;
 pub mod pod;
@@ -64,6 +66,10 @@ pub enum Error {
     /// Writing the status failed (the API server is unreachable or refused it).
     #[error("cannot write the status")]
     StatusWrite(#[source] kube::Error),
+    /// A write the new status depends on failed (an owner, a credential, an unsafe pod's
+    /// delete): the status is not written, and the next reconcile decides the same again.
+    #[error("cannot carry out the decision")]
+    Act(#[source] kube::Error),
     /// The decision asked for the same thing twice (a bug).
     #[error("the reconcile did not come to a decision: it asked for {0} again")]
     Stuck(String),
@@ -78,6 +84,7 @@ impl Error {
     pub fn label(&self) -> &'static str {
         match self {
             Error::StatusWrite(_) => "status_write",
+            Error::Act(_) => "act",
             Error::Stuck(_) => "stuck",
             Error::NotLeading(_) => "not_leading",
         }

@@ -126,8 +126,13 @@ pub fn imagebuild_label(name: &str) -> String {
     name.chars().take(63).collect::<String>().trim_end_matches(['-', '.', '_']).to_string()
 }
 
+/// The tracing target of the event `build_pod` emits each time it plans a pod.
+pub const PLANNED: &str = "bob::build_pod";
+
 /// Builds the desired pod for an ImageBuild.
 pub fn build_pod(ib: &ImageBuild, p: &PodInputs<'_>) -> Result<Pod, Invalid> {
+    // Counted by a test: a reconcile plans its pod once.
+    tracing::trace!(target: PLANNED, "planning the build pod");
     let name = ib.metadata.name.clone().unwrap_or_default();
     let spec = &ib.spec;
     let addr = format!("127.0.0.1:{}", p.cfg.proxy_port);

@@ -1,5 +1,6 @@
-//! One reconcile: look at what the decision needs (`cluster.rs`), decide once (`decide.rs`,
-//! pure), act once (`cluster::act`: one status write by server-side apply, then the effects).
+//! One reconcile: look at what the decision needs (`observe.rs`, reads only), decide
+//! (`decide.rs`, pure), act once (`act.rs`: the build pod's create when the decision asks for
+//! it, then the transition — its effects and one status write by server-side apply).
 
 use std::sync::Arc;
 
@@ -7,7 +8,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
 
-use super::cluster::{Cluster, act};
+use super::act::act;
+use super::observe::Cluster;
 use super::{Context, Error, engine};
 use crate::crd::ImageBuild;
 
@@ -18,5 +20,5 @@ pub async fn reconcile(ib: Arc<ImageBuild>, ctx: Arc<Context>) -> Result<Action,
     let transition = engine::run(&ib, &ctx.settings, &mut cluster, Timestamp::now())
         .await
         .map_err(|e| Error::Stuck(e.need))?;
-    act(&ib, &ctx, transition).await
+    act(&ib, &cluster, transition).await
 }

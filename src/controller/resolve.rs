@@ -20,8 +20,8 @@ fn fail(reason: Reason, message: impl Into<String>) -> Error {
     Failure::new(reason, message)
 }
 
-/// Git credentials (from the source's Secret).
-#[derive(Clone)]
+/// Git credentials (from the source's Secret); the password prints `<redacted>`.
+#[derive(Clone, Debug)]
 pub struct GitAuth {
     /// User name.
     pub username: String,

@@ -186,6 +186,27 @@ fn last_message(c: &ContainerStatus) -> Option<String> {
     c.last_state.as_ref()?.terminated.as_ref()?.message.clone()
 }
 
+/// Whether the pod is over: `Succeeded` or `Failed`, its containers will not run again.
+pub fn is_over(pod: &Pod) -> bool {
+    matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+}
+
+/// The condition that says the Kubernetes API did not answer a reconcile's calls (`False`, reason
+/// `ApiUnavailable`); it goes at the next reconcile that sees everything it asked for.
+pub const API_REACHABLE: &str = "ApiReachable";
+
+/// `ApiReachable=False` with the error, unreachable since `since`.
+pub fn api_unreachable(message: &str, since: Timestamp) -> Condition {
+    Condition {
+        type_: API_REACHABLE.into(),
+        status: "False".into(),
+        reason: crate::reason::Reason::ApiUnavailable.as_str().into(),
+        message: message.into(),
+        last_transition_time: Time(since),
+        observed_generation: None,
+    }
+}
+
 /// The `Ready` condition, keeping the previous transition time when its status does not change.
 pub fn ready(
     previous: &[Condition],

@@ -6,7 +6,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 
-use super::plan::{PlanConfig, Resolved};
+use super::plan::{Invalid, Plan, PlanConfig, Resolved};
 use super::policy::Policy;
 use crate::crd::{ImageBuildStatus, Phase};
 use crate::oci::Reference;
@@ -31,6 +31,11 @@ impl Failure {
     pub fn new(reason: Reason, message: impl Into<String>) -> Self {
         Self { reason, message: message.into() }
     }
+
+    /// A call to the Kubernetes API that failed: what could not be done, and the error.
+    pub fn api(what: &str, e: &kube::Error) -> Self {
+        Self::new(Reason::ApiUnavailable, format!("cannot {what}: {e}"))
+    }
 }
 
 /// A registry's answer to "which digest is at this reference": `None` when nothing is.
@@ -46,22 +51,15 @@ pub enum Access {
     Minted,
 }
 
-/// How creating the build pod went.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The API server's answer to creating the build pod.
+#[derive(Clone, Debug, PartialEq)]
 pub enum Created {
-    /// The pod was created.
-    Created,
-    /// Another ImageBuild of the same key runs it; this one became an owner too.
-    Joined,
-    /// This ImageBuild already owned it (a status write was lost, e.g. by a restart).
-    Found,
-    /// The API server stored it with a cloud identity in a container (an admission webhook
-    /// added one): it was deleted again.
-    Unsafe {
-        /// What gave which container an identity.
-        leaks: Vec<String>,
-    },
-    /// The API server refused it.
+    /// Stored by this create, as admission left it.
+    New(Box<Pod>),
+    /// A pod of that name exists (read back after a 409): made by another ImageBuild of the same
+    /// key, or by this one before an answer was lost.
+    Exists(Box<Pod>),
+    /// Refused by admission (Pod Security, quota, a webhook) or validation.
     Refused {
         /// The HTTP status.
         code: u16,
@@ -82,6 +80,7 @@ pub struct Slots {
 }
 
 /// What a reconcile has looked at so far; each fact at most once, in the order `decide` asks.
+/// Observing only reads: the one write whose answer is a fact (`created`) is `Step::Attempt`.
 #[derive(Clone, Debug)]
 pub struct Observed {
     /// The clock.
@@ -90,17 +89,20 @@ pub struct Observed {
     pub api_error: Option<Failure>,
     /// The registry (and git) credentials: usable and where from, or why not.
     pub credentials: Option<Result<Access, Failure>>,
+    /// A credential was minted for this build from the controller's cloud identity (for its
+    /// repositories, or for the images its Dockerfile reads, known once resolved).
+    pub minted: bool,
     /// Digests, commit and Dockerfile the plan needs.
     pub resolved: Option<Result<Resolved, Failure>>,
+    /// The plan (key, references, the finished pod), made once from `resolved` by the engine.
+    pub plan: Option<Result<Box<Plan>, Invalid>>,
     /// The workspace image, if it exists (a cache hit).
     pub cache: Option<Lookup>,
     /// Build slots.
     pub slots: Option<Slots>,
-    /// The outcome of creating (or joining) the build pod.
+    /// The outcome of creating the build pod.
     pub created: Option<Created>,
-    /// The UID of the pod created, joined or found (with `created`), for the status to record.
-    pub pod_uid: Option<String>,
-    /// The build pod followed, if it still exists.
+    /// The build pod of the attempt (followed, or looked for before one is created), if it exists.
     pub pod: Option<Option<Pod>>,
     /// The workspace image after a build that reported success.
     pub verified: Option<Lookup>,
@@ -115,11 +117,12 @@ impl Observed {
             now,
             api_error: None,
             credentials: None,
+            minted: false,
             resolved: None,
+            plan: None,
             cache: None,
             slots: None,
             created: None,
-            pod_uid: None,
             pod: None,
             verified: None,
             log_tail: None,
@@ -136,10 +139,8 @@ pub enum Need {
     Resolve,
     /// Whether the workspace image exists.
     Cache(Reference),
-    /// Whether a build slot is free for the pod of this name.
-    Slots(String),
-    /// Create the build pod (or join it): an action whose outcome decides the status.
-    Create(Box<Pod>),
+    /// Whether a build slot is free for a new pod.
+    Slots,
     /// The build pod of this name.
     Pod(String),
     /// The workspace image after a reported success.
@@ -192,6 +193,25 @@ pub enum Effect {
     },
     /// Delete this finished pod once no other owner needs it (and its log is shipped).
     Cleanup(String),
+    /// Add this ImageBuild to the owners of a pod another ImageBuild of the same key created.
+    /// Done before the status is written.
+    Own(String),
+    /// Write the credential minted for this pod into the pod's Secret (owned by the pod). Done
+    /// before the status is written: the pod waits for it.
+    Credential {
+        /// The pod.
+        pod: String,
+        /// Its UID (the Secret's owner).
+        uid: String,
+    },
+    /// Delete this pod, if it is still the one of this UID (it was given a cloud identity at
+    /// admission). Done before the status is written: a failed delete is tried again.
+    DeletePod {
+        /// The pod.
+        pod: String,
+        /// Its UID (the delete's precondition).
+        uid: String,
+    },
     /// Ship the log of this build pod (attempt `attempt`) into its `BuildLog` while it runs, if
     /// that is not already being done.
     ShipLog {
@@ -202,6 +222,15 @@ pub enum Effect {
     },
     /// A metric.
     Count(Count),
+}
+
+impl Effect {
+    /// Whether the effect is done before the status is written: what the new status claims (an
+    /// owner, a credential, an unsafe pod gone) must be true before it is recorded, so that a
+    /// failed write leaves the old status and the next reconcile decides the same again.
+    pub fn before_status(&self) -> bool {
+        matches!(self, Effect::Own(_) | Effect::Credential { .. } | Effect::DeletePod { .. })
+    }
 }
 
 /// When to look again.
@@ -231,6 +260,11 @@ pub struct Transition {
 pub enum Step {
     /// Look at this, then decide again.
     Observe(Need),
+    /// Plan the build from what was resolved (pure, done once by the engine), then decide again.
+    Plan,
+    /// Create this build pod, then decide again with the answer (`Observed::created`): the one
+    /// write of a reconcile whose outcome is a fact, at most once per reconcile.
+    Attempt(Box<Pod>),
     /// Done: act on it.
     Act(Transition),
 }

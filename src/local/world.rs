@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::Pod;
 
 use super::input::Input;
 use super::pod;
+use crate::controller::access::{self, Named};
 use crate::controller::decide::{Access, Created, Failure, Need, Observed};
 use crate::controller::engine::World;
 use crate::controller::resolve::{self, GitAuth};
@@ -56,17 +57,10 @@ impl<'a> Laptop<'a> {
         let client = Client::connect(creds, self.insecure, timeout, None)
             .map_err(|e| Failure::new(Reason::Internal, crate::oci::error::chain(&e)))?;
         self.client = Some(client);
-        let git = ib.spec.source.dockerfile.as_ref().and_then(|d| d.git.as_ref());
-        if let Some(r) = git.and_then(|g| g.credentials_secret_ref.as_ref()) {
-            let value = |key: &str| self.input.secret_value(&r.name, key).map(str::to_string);
-            let (Some(username), Some(password)) = (value("username"), value("password")) else {
-                let message = format!(
-                    "Secret {} (git credentialsSecretRef) with username and password is not in the file",
-                    r.name
-                );
-                return Err(Failure::new(Reason::SecretNotFound, message));
-            };
-            self.git = Some(GitAuth { username, password: crate::oci::Secret::new(password) });
+        // The controller's mapping from Secrets to reasons, for the Secrets in the file.
+        if let Some(name) = Named::of(ib).git {
+            let place = format!("Secret {name} (in the file)");
+            self.git = Some(access::git(&place, self.input.secrets.get(&name))?);
         }
         Ok(())
     }
@@ -110,24 +104,25 @@ impl World for Laptop<'_> {
             Need::Cache(r) => seen.cache = Some(self.lookup(&r).await),
             Need::Verify(r) => seen.verified = Some(self.lookup(&r).await),
             // Nothing else builds on this machine: there is always a slot.
-            Need::Slots(_) => {
+            Need::Slots => {
                 seen.slots = Some(crate::controller::decide::Slots { position: None, running: 0, max: 1 })
-            }
-            Need::Create(planned) => {
-                let name = planned.metadata.name.clone().unwrap_or_default();
-                tracing::info!(pod = %name, "running the build pod's containers");
-                seen.created =
-                    Some(match pod::run(&planned, &self.secrets(ib), &self.bob, self.work).await {
-                        Ok(status) => {
-                            self.pods.insert(name, Pod { status: Some(status), ..*planned });
-                            Created::Created
-                        }
-                        Err(e) => Created::Refused { code: 500, message: crate::oci::error::chain(&e) },
-                    });
             }
             Need::Pod(name) => seen.pod = Some(self.pods.get(&name).cloned()),
             // Nothing to cancel on this machine but the run itself (a signal).
             Need::LogTail(_) => seen.log_tail = Some(None),
         }
+    }
+
+    async fn attempt(&mut self, ib: &ImageBuild, planned: Pod, seen: &mut Observed) {
+        let name = planned.metadata.name.clone().unwrap_or_default();
+        tracing::info!(pod = %name, "running the build pod's containers");
+        seen.created = Some(match pod::run(&planned, &self.secrets(ib), &self.bob, self.work).await {
+            Ok(status) => {
+                let ran = Pod { status: Some(status), ..planned };
+                self.pods.insert(name, ran.clone());
+                Created::New(Box::new(ran))
+            }
+            Err(e) => Created::Refused { code: 500, message: crate::oci::error::chain(&e) },
+        });
     }
 }

@@ -131,3 +131,22 @@ pub fn builder_api(secret: Value) -> (kube::Client, Arc<Mutex<Vec<Call>>>) {
         _ => default_reply(c),
     })
 }
+
+/// `decide` as the engine drives it for a fixture: a plan asked for is made (once) from the
+/// resolved inputs, and the decision taken again.
+pub fn decide(
+    ib: &ImageBuild,
+    seen: &bob::controller::decide::Observed,
+    cfg: &bob::controller::Settings,
+) -> bob::controller::decide::Step {
+    use bob::controller::decide::Step;
+    match bob::controller::decide::decide(ib, seen, cfg) {
+        Step::Plan => {
+            let mut planned = seen.clone();
+            let Some(Ok(resolved)) = &seen.resolved else { panic!("a plan before the inputs are resolved") };
+            planned.plan = Some(bob::controller::plan(ib, resolved, &cfg.plan).map(Box::new));
+            bob::controller::decide::decide(ib, &planned, cfg)
+        }
+        step => step,
+    }
+}
