@@ -12,6 +12,7 @@ pub mod copy;
 pub mod crd;
 pub mod duration;
 pub mod key;
+pub mod kubeclient;
 pub mod layer_cache;
 pub mod local;
 pub mod logs;

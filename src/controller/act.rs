@@ -26,6 +26,7 @@ use crate::logs::store::Redactor;
 /// Creates the build pod; a pod of that name that exists already (another ImageBuild's, or this
 /// one's from a create whose answer was lost) is read back. `Err`: no answer to tell which.
 pub(super) async fn create(cluster: &Cluster<'_>, ib: &ImageBuild, pod: &Pod) -> Result<Created, Failure> {
+    cluster.ctx.leading().map_err(|e| Failure::api("create the build pod", &e.into()))?;
     let api: Api<Pod> = cluster.api();
     let name = pod.metadata.name.clone().unwrap_or_default();
     let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
@@ -54,6 +55,7 @@ pub(super) async fn create(cluster: &Cluster<'_>, ib: &ImageBuild, pod: &Pod) ->
 /// Carries out a transition: the effects its status claims, the status (one server-side apply),
 /// then the rest, which is best effort and never fails the reconcile.
 pub async fn act(ib: &ImageBuild, cluster: &Cluster<'_>, t: Transition) -> Result<Action, Error> {
+    cluster.ctx.leading()?;
     let ctx = cluster.ctx;
     let (before, after): (Vec<Effect>, Vec<Effect>) = t.effects.into_iter().partition(Effect::before_status);
     for effect in before {

@@ -87,6 +87,9 @@ pub struct Metrics {
     pub layer_cache_builds: Family<ModeLabel, Counter>,
     /// Build steps taken from a layer cache instead of run, in verified builds.
     pub layer_cache_hits: Counter,
+    /// Kubernetes API requests sent again, by what the try before got (`no_response`, `429`,
+    /// `500`, `502`, `503`, `504`).
+    pub api_retries: Family<ReasonLabel, Counter>,
     /// Whether the controller is watching (for /readyz).
     pub ready: AtomicBool,
 }
@@ -146,6 +149,12 @@ impl Default for Metrics {
             "Build steps taken from a layer cache instead of run",
             layer_cache_hits.clone(),
         );
+        let api_retries = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "api_retries",
+            "Kubernetes API requests sent again, by what the try before got",
+            api_retries.clone(),
+        );
         Self {
             registry,
             layer_cache_builds,
@@ -160,6 +169,7 @@ impl Default for Metrics {
             registry_requests,
             queue_depth,
             queue_wait,
+            api_retries,
             ready: AtomicBool::new(false),
         }
     }

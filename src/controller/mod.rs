@@ -45,6 +45,7 @@ pub use policy::Policy;
 use crate::build::Isolation;
 use crate::crd::ImageBuild;
 use crate::duration;
+use crate::kubeclient;
 use crate::oci::CredentialStore;
 use crate::oci::client::Client;
 
@@ -72,6 +73,10 @@ pub enum Error {
     /// The decision asked for the same thing twice (a bug).
     #[error("the reconcile did not come to a decision: it asked for {0} again")]
     Stuck(String),
+    /// This replica may no longer act as the leader (`ha::Leadership`): nothing was written;
+    /// the next leader reconciles the ImageBuild again.
+    #[error("not written")]
+    NotLeading(#[from] ha::NotLeading),
 }
 
 impl Error {
@@ -81,6 +86,7 @@ impl Error {
             Error::StatusWrite(_) => "status_write",
             Error::Act(_) => "act",
             Error::Stuck(_) => "stuck",
+            Error::NotLeading(_) => "not_leading",
         }
     }
 }
@@ -90,7 +96,7 @@ impl Error {
 pub enum StartError {
     /// No Kubernetes client (no kubeconfig, no in-cluster service account).
     #[error("cannot reach the Kubernetes API")]
-    Client(#[source] kube::Error),
+    Client(#[source] crate::kubeclient::Error),
     /// The CRD is not installed.
     #[error("the ImageBuild CRD is not installed (bob crd | kubectl apply -f -)")]
     NoCrd(#[source] kube::Error),
@@ -220,6 +226,8 @@ pub struct Context {
     pub logs: logship::Shipper,
     /// Credentials minted from the controller's cloud identity (`None`: off).
     pub cloud: Option<Arc<cloud::Broker>>,
+    /// Whether this replica still holds the leader Lease for sure (`None`: no leader election).
+    pub leadership: Option<ha::Leadership>,
     registries: Mutex<HashMap<String, Arc<Client>>>,
 }
 
@@ -241,8 +249,20 @@ impl Context {
             store: None,
             logs: logship::Shipper::default(),
             cloud: None,
+            leadership: None,
             registries: Mutex::default(),
         }
+    }
+
+    /// Whether this replica may write now: always without leader election, else while the
+    /// Lease it renewed cannot have passed to another replica. Checked before every write.
+    pub fn may_act(&self) -> bool {
+        self.leadership.as_ref().is_none_or(ha::Leadership::may_act)
+    }
+
+    /// [`Context::may_act`] as an error, for the writers' `?` (it converts to kube's errors).
+    pub fn leading(&self) -> Result<(), ha::NotLeading> {
+        if self.may_act() { Ok(()) } else { Err(ha::NotLeading) }
     }
 
     /// The registry client for a docker config, cached under `key` (Secret and resourceVersion),
@@ -294,7 +314,16 @@ pub fn error_policy(ib: Arc<ImageBuild>, error: &Error, ctx: Arc<Context>) -> Ac
 
 /// Runs the controller until SIGTERM/SIGINT.
 pub async fn run(args: ControllerArgs) -> Result<(), StartError> {
-    let client = kube::Client::try_default().await.map_err(StartError::Client)?;
+    let metrics = Arc::new(Metrics::default());
+    let retries: kubeclient::Observer = {
+        let metrics = metrics.clone();
+        Arc::new(move |o: &kubeclient::Outcome| {
+            metrics.api_retries.get_or_create(&ReasonLabel { reason: o.label().into() }).inc();
+        })
+    };
+    let config = kubeclient::config().await.map_err(StartError::Client)?;
+    let client = kubeclient::client_for(config.clone(), kubeclient::Agent::Controller, Some(retries.clone()))
+        .map_err(StartError::Client)?;
     let (builds, pods): (Api<ImageBuild>, Api<Pod>) = match &args.namespace {
         Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
         None => (Api::all(client.clone()), Api::all(client.clone())),
@@ -333,8 +362,10 @@ pub async fn run(args: ControllerArgs) -> Result<(), StartError> {
         .map_err(StartError::Cloud)?
         .map(Arc::new);
     let mut ctx = Context::with_settings(client, settings);
+    ctx.metrics = metrics;
     ctx.store = Some(controller.store());
     ctx.cloud = broker;
+    ctx.leadership = args.leader_election.then(|| ha::Leadership::new(ha::DURATION - ha::MARGIN));
     let ctx = Arc::new(ctx);
     let listener = tokio::net::TcpListener::bind(&args.admin_addr)
         .await
@@ -348,15 +379,23 @@ pub async fn run(args: ControllerArgs) -> Result<(), StartError> {
     // Ready while standing by too: a rolling update must not wait for a replica to lead.
     ctx.metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut lease_task = None;
-    let lost: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>> = if args.leader_election
-    {
-        let identity = std::env::var("HOSTNAME").unwrap_or_else(|_| format!("bob-{}", std::process::id()));
-        let (leading, task) = ha::lead(ctx.client.clone(), &args.lease_namespace, &identity).await?;
-        lease_task = Some(task);
-        Box::pin(ha::lost(leading))
-    } else {
-        Box::pin(futures::future::pending())
-    };
+    let lost: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>> =
+        if let Some(leadership) = ctx.leadership.clone() {
+            let identity =
+                std::env::var("HOSTNAME").unwrap_or_else(|_| format!("bob-{}", std::process::id()));
+            let (leading, task) =
+                ha::lead(config, &args.lease_namespace, &identity, &leadership, Some(retries)).await?;
+            lease_task = Some(task);
+            // Lost as the lease manager says it, or not renewed in time, which it does not say.
+            Box::pin(async move {
+                tokio::select! {
+                    _ = ha::lost(leading) => {}
+                    _ = ha::unrenewed(leadership) => {}
+                }
+            })
+        } else {
+            Box::pin(futures::future::pending())
+        };
     ctx.metrics.leader.set(1);
     // The leader alone deletes expired build logs.
     let sweeper =

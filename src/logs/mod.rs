@@ -35,7 +35,7 @@ pub struct LogsArgs {
 pub enum Error {
     /// No Kubernetes client.
     #[error("cannot reach the Kubernetes API")]
-    Client(#[source] kube::Error),
+    Client(#[source] crate::kubeclient::Error),
     /// The ImageBuild does not exist (or may not be read).
     #[error("cannot read ImageBuild {namespace}/{name}")]
     ImageBuild {
@@ -69,7 +69,7 @@ pub enum Error {
 
 /// Runs `bob logs`: prints the log of an ImageBuild's attempt on stdout.
 pub async fn run(args: LogsArgs) -> Result<(), Error> {
-    let client = kube::Client::try_default().await.map_err(Error::Client)?;
+    let client = crate::kubeclient::client(crate::kubeclient::Agent::Logs).await.map_err(Error::Client)?;
     let ns = args.namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
     let builds: Api<ImageBuild> = Api::namespaced(client.clone(), &ns);
     let ib = builds.get(&args.name).await.map_err(|source| Error::ImageBuild {

@@ -8,6 +8,7 @@ pub mod build;
 pub mod fake_api;
 pub mod flags;
 pub mod images;
+pub mod kube_sim;
 pub mod moto;
 pub mod recorder;
 pub mod samples;
