@@ -20,10 +20,13 @@ mod counter;
 mod daemon;
 mod install;
 mod kubectl;
+mod kubelet;
+mod mix;
 mod rbac;
 mod scenario;
 mod scenarios;
 mod scenarios_cloud;
+mod scenarios_faults;
 mod scenarios_logs;
 mod scenarios_ops;
 
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
     runs.extend(scenarios_ops::ALL.iter().map(|(n, r)| (*n, *r, false)));
     runs.extend(scenarios_logs::ALL.iter().map(|(n, r)| (*n, *r, false)));
     runs.extend(scenarios_cloud::ALL.iter().map(|(n, r)| (*n, *r, false)));
+    runs.extend(scenarios_faults::ALL.iter().map(|(n, r)| (*n, *r, false)));
     runs.push(("benchmark", bench::run, true));
     let trials: Vec<Trial> = match &target {
         Ok(t) => {
@@ -51,11 +55,15 @@ fn main() -> ExitCode {
             // A missing renderer is a missing component: every scenario fails, saying what to run.
             let renderer = install::renderer_ready();
             // The ECR scenario serves its ECR host from this machine's loopback: a cluster's pods
-            // cannot reach it, so there it is reported ignored, and said so here.
-            let sim_only = |name: &str| scenarios_cloud::ALL.iter().any(|(n, _)| *n == name);
+            // cannot reach it, so there it is reported ignored, and said so here. The fault
+            // scenarios need kube-sim's fault switch and its kubelet's record of the pods it ran.
+            let sim_only = |name: &str| {
+                scenarios_cloud::ALL.iter().chain(scenarios_faults::ALL).any(|(n, _)| *n == name)
+            };
             if !t.is_kube_sim() {
                 eprintln!(
-                    "e2e: the ECR scenarios run on kube-sim only (their registry is this machine's loopback)"
+                    "e2e: the ECR scenarios run on kube-sim only (their registry is this machine's loopback), \
+                     and so do the fault scenarios (kube-sim injects the faults)"
                 );
             }
             runs.into_iter()

@@ -15,7 +15,7 @@ use kube::api::{Api, ListParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
 
-use super::apiserver::{ApiServer, Target, plain_kubeconfig};
+use super::apiserver::{ApiServer, SimFlags, Target, plain_kubeconfig};
 use super::common::build::busybox_image;
 use super::common::{Direct, Registry, RegistryAuth, docker_config};
 use super::counter::Counter;
@@ -29,6 +29,9 @@ use super::kubectl::Kubectl;
 static HOST_NETWORK: LazyLock<Arc<tokio::sync::Mutex<()>>> = LazyLock::new(Arc::default);
 
 const PASSWORD: &str = "e2e-pass-7f3a";
+
+/// The User-Agent of the scenario's own API client.
+pub const AGENT: &str = "bob-e2e";
 
 /// What a scenario needs besides the defaults.
 pub struct Options {
@@ -53,6 +56,11 @@ pub struct Options {
     /// on a kept-alive connection the body waits for the client's delayed ACK, about 40 ms
     /// (docs/benchmarks.md). A real API server does not; the benchmark measures both ways.
     pub fresh_connections: bool,
+    /// kube-sim's `--faults SPEC` from the start (`Scenario::faults` switches them later).
+    pub faults: Option<String>,
+    /// kube-sim's `--pod-network isolated`: build pods do not share this machine's network, so
+    /// the scenario needs no turn on it and its builds run at once (needs root).
+    pub isolated: bool,
 }
 
 impl Default for Options {
@@ -66,6 +74,8 @@ impl Default for Options {
             pods: true,
             counted: true,
             fresh_connections: false,
+            faults: None,
+            isolated: false,
         }
     }
 }
@@ -123,13 +133,14 @@ fn short(name: &str) -> String {
 impl Scenario {
     /// Sets up the world of scenario `name`.
     pub async fn start(target: &Target, name: &str, opts: Options) -> Self {
-        let turn = match target.is_kube_sim() && opts.pods {
+        let turn = match target.is_kube_sim() && opts.pods && !opts.isolated {
             true => Some(HOST_NETWORK.clone().lock_owned().await),
             false => None,
         };
         let work = tempfile::Builder::new().prefix("bob-e2e-").tempdir().unwrap();
         let dir = work.path().to_path_buf();
-        let api = ApiServer::start(target, &dir);
+        let flags = SimFlags { faults: opts.faults.clone(), isolated: opts.isolated };
+        let api = ApiServer::start(target, &dir, &flags);
         let kubectl = Kubectl::new(&api.kubeconfig, &dir.join("kubectl-cache"));
         let prefix = short(name);
         let ns = prefix.clone();
@@ -174,7 +185,10 @@ impl Scenario {
         release.install(&kubectl).await;
 
         let config = kube::config::Kubeconfig::read_from(&api.kubeconfig).unwrap();
-        let config = kube::Config::from_custom_kubeconfig(config, &Default::default()).await.unwrap();
+        let mut config = kube::Config::from_custom_kubeconfig(config, &Default::default()).await.unwrap();
+        // The test's own reads and watches are spared by kube-sim's fault injection
+        // (`agent=^(?!kubectl|bob-e2e)`), as kubectl is: the faults are the controller's.
+        config.headers.push((http::header::USER_AGENT, http::HeaderValue::from_static(AGENT)));
         let client = kube::Client::try_from(config).unwrap();
         let pods = watch_pods(client.clone(), &ns);
 
@@ -235,6 +249,11 @@ impl Scenario {
             s.start_controller();
         }
         s
+    }
+
+    /// The scenario's API server (kube-sim's fault switch and pod directory).
+    pub fn api(&self) -> &ApiServer {
+        &self.api
     }
 
     /// The kubeconfig of a user of the API server (what `kubectl` and `bob logs` use).
