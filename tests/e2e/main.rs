@@ -8,13 +8,15 @@
 //! Without an API server it prints one line saying why and reports the scenarios ignored;
 //! `BOB_E2E=required` (set by `.ci/run`) makes that a failure, `BOB_E2E=off` skips on purpose.
 //! Each scenario runs alone with `cargo test --test e2e <name>`; the benchmark is an ignored
-//! trial: `cargo test --release --test e2e -- --ignored benchmark`.
+//! trial: `cargo test --release --test e2e -- --ignored benchmark`; so are the fault benchmark
+//! and the fault scenario with other seeds (`scripts/faults`).
 
 #[path = "../common/mod.rs"]
 mod common;
 
 mod apiserver;
 mod bench;
+mod bench_faults;
 mod builds;
 mod counter;
 mod daemon;
@@ -27,6 +29,7 @@ mod scenario;
 mod scenarios;
 mod scenarios_cloud;
 mod scenarios_faults;
+mod scenarios_lease;
 mod scenarios_logs;
 mod scenarios_ops;
 
@@ -48,7 +51,10 @@ fn main() -> ExitCode {
     runs.extend(scenarios_logs::ALL.iter().map(|(n, r)| (*n, *r, false)));
     runs.extend(scenarios_cloud::ALL.iter().map(|(n, r)| (*n, *r, false)));
     runs.extend(scenarios_faults::ALL.iter().map(|(n, r)| (*n, *r, false)));
+    runs.extend(scenarios_lease::ALL.iter().map(|(n, r)| (*n, *r, false)));
     runs.push(("benchmark", bench::run, true));
+    runs.push(("benchmark_faults", bench_faults::benchmark, true));
+    runs.push(("faults_seed", bench_faults::seed_trial, true));
     let trials: Vec<Trial> = match &target {
         Ok(t) => {
             eprintln!("e2e: API server: {}", t.describe());
@@ -58,7 +64,12 @@ fn main() -> ExitCode {
             // cannot reach it, so there it is reported ignored, and said so here. The fault
             // scenarios need kube-sim's fault switch and its kubelet's record of the pods it ran.
             let sim_only = |name: &str| {
-                scenarios_cloud::ALL.iter().chain(scenarios_faults::ALL).any(|(n, _)| *n == name)
+                scenarios_cloud::ALL
+                    .iter()
+                    .chain(scenarios_faults::ALL)
+                    .chain(scenarios_lease::ALL)
+                    .any(|(n, _)| *n == name)
+                    || ["benchmark_faults", "faults_seed"].contains(&name)
             };
             if !t.is_kube_sim() {
                 eprintln!(

@@ -46,8 +46,10 @@ pub fn hit_spec(s: &Scenario) -> Value {
 pub fn builds(s: &Scenario, tag: &str, counts: [usize; 4]) -> Vec<Build> {
     let mut out = Vec::new();
     let kinds = [Kind::Hit, Kind::Image, Kind::Dockerfile, Kind::Fails];
-    for (kind, n) in kinds.into_iter().zip(counts) {
-        for i in 0..n {
+    // Interleaved (one of each kind, then the next), so that every wave of a long mix is a mix.
+    let most = counts.iter().copied().max().unwrap_or(0);
+    for i in 0..most {
+        for (kind, _) in kinds.into_iter().zip(counts).filter(|(_, n)| i < *n) {
             let (short, spec) = match kind {
                 Kind::Hit => ("hit", hit_spec(s)),
                 Kind::Image => {

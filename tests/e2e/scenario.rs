@@ -25,8 +25,18 @@ use super::kubectl::Kubectl;
 
 /// kube-sim runs every pod on this machine's network, where the build pod's proxy always listens
 /// on 127.0.0.1:8080: scenarios that run build pods take turns (a cluster gives each pod its own
-/// network; there they run in parallel).
-static HOST_NETWORK: LazyLock<Arc<tokio::sync::Mutex<()>>> = LazyLock::new(Arc::default);
+/// network; there they run in parallel). Scenarios with isolated pod networks share a turn:
+/// kube-sim relays into a pod every host port its spec names that something on the host listens
+/// on, 127.0.0.1:8080 (the proxy's own address) too, so a host-network build pod running at that
+/// moment would take the isolated pod's proxy port.
+static HOST_NETWORK: LazyLock<Arc<tokio::sync::RwLock<()>>> = LazyLock::new(Arc::default);
+
+/// A scenario's turn on this machine's network: alone, or shared by isolated scenarios.
+#[allow(dead_code)] // held for its Drop
+enum Turn {
+    Alone(tokio::sync::OwnedRwLockWriteGuard<()>),
+    Shared(tokio::sync::OwnedRwLockReadGuard<()>),
+}
 
 const PASSWORD: &str = "e2e-pass-7f3a";
 
@@ -59,7 +69,8 @@ pub struct Options {
     /// kube-sim's `--faults SPEC` from the start (`Scenario::faults` switches them later).
     pub faults: Option<String>,
     /// kube-sim's `--pod-network isolated`: build pods do not share this machine's network, so
-    /// the scenario needs no turn on it and its builds run at once (needs root).
+    /// the scenario's builds run at once, and it shares its turn with other isolated scenarios
+    /// (see `HOST_NETWORK`; needs root).
     pub isolated: bool,
 }
 
@@ -119,7 +130,7 @@ pub struct Scenario {
     registry: Option<Registry>,
     api: ApiServer,
     extra: Vec<Daemon>,
-    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+    _turn: Option<Turn>,
     work: Option<tempfile::TempDir>,
 }
 
@@ -133,9 +144,10 @@ fn short(name: &str) -> String {
 impl Scenario {
     /// Sets up the world of scenario `name`.
     pub async fn start(target: &Target, name: &str, opts: Options) -> Self {
-        let turn = match target.is_kube_sim() && opts.pods && !opts.isolated {
-            true => Some(HOST_NETWORK.clone().lock_owned().await),
-            false => None,
+        let turn = match (target.is_kube_sim() && opts.pods, opts.isolated) {
+            (true, false) => Some(Turn::Alone(HOST_NETWORK.clone().write_owned().await)),
+            (true, true) => Some(Turn::Shared(HOST_NETWORK.clone().read_owned().await)),
+            (false, _) => None,
         };
         let work = tempfile::Builder::new().prefix("bob-e2e-").tempdir().unwrap();
         let dir = work.path().to_path_buf();
@@ -287,16 +299,22 @@ impl Scenario {
 
     /// Starts one more controller replica (a new pod of the Deployment).
     pub fn start_controller(&mut self) -> &Controller {
+        self.try_start_controller().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Scenario::start_controller`], or why the replica did not become ready (a pod that the
+    /// kubelet would start again; the next try appends to the same log).
+    pub fn try_start_controller(&mut self) -> Result<&Controller, String> {
         let identity = format!("bob-controller-e2e-{}", self.controllers.len());
-        let c = Controller::start(
+        let c = Controller::try_start(
             &self.release,
             &self.controller_kubeconfig,
             &identity,
             &self.dir,
             &self.controller_env,
-        );
+        )?;
         self.controllers.push(c);
-        self.controllers.last().unwrap()
+        Ok(self.controllers.last().unwrap())
     }
 
     /// The end of every scenario: no ImageBuild is left without a phase. Then cleans up.

@@ -24,7 +24,7 @@ pub fn spec(rate: f64, seed: u64) -> String {
     format!("rate={rate},stream-cut=0.05,seed={seed},{CONTROLLER_ONLY}")
 }
 
-/// Each phase: one cache hit, one image source, two Dockerfiles, one failing `RUN`.
+/// Each phase: one cache hit, one image source, two Dockerfiles, one failing `RUN`, all at once.
 const MIX: [usize; 4] = [1, 1, 2, 1];
 
 /// How long a phase may take before its unfinished builds count as failures (a hang guard: a
@@ -52,11 +52,11 @@ pub async fn under_faults(t: Target, name: &str, faults: &str) -> Scenario {
     let clock = Instant::now();
     let mut s = Scenario::start(&t, name, Options { isolated: true, ..Default::default() }).await;
     let seeded = seed(&s).await;
-    let (calm_builds, calm) = fresh_phase(&mut s, "calm", MIX, None).await;
+    let (calm_builds, calm) = fresh_phase(&mut s, "calm", MIX, usize::MAX, None).await;
     let calm_problems = mix::problems(&s, &calm_builds, &calm, &seeded).await;
     assert!(calm_problems.is_empty(), "{name}: without faults already: {calm_problems:#?}");
 
-    let (faulty_builds, faulty) = fresh_phase(&mut s, "faulty", MIX, Some(faults)).await;
+    let (faulty_builds, faulty) = fresh_phase(&mut s, "faulty", MIX, usize::MAX, Some(faults)).await;
     // Counted while they are on (turning them off answers the counts once, then forgets them).
     let injected = s.api().faults(None).await;
     s.api().faults(Some("")).await;
@@ -88,11 +88,13 @@ pub async fn seed(s: &Scenario) -> serde_json::Value {
 /// One phase from a clean start: the ImageBuilds so far deleted (their images stay in the
 /// registry), `faults` switched on (or none), then a new controller — so that its watches, not
 /// only its requests, open under the phase's faults, and neither phase pays for the other's
-/// builds — and `counts` builds of each kind created at once. Its API calls count from its start.
+/// builds — and `counts` builds of each kind, created `wave` at once. Its API calls count from
+/// its start.
 pub async fn fresh_phase(
     s: &mut Scenario,
     tag: &str,
     counts: [usize; 4],
+    wave: usize,
     faults: Option<&str>,
 ) -> (Vec<mix::Build>, Phase) {
     for c in &mut s.controllers {
@@ -104,7 +106,8 @@ pub async fn fresh_phase(
     let since = Instant::now();
     s.start_controller();
     let builds = mix::builds(s, tag, counts);
-    let phase = mix::run(s, &builds, builds.len(), PHASE, since).await;
+    let timeout = PHASE * builds.len().div_ceil(wave) as u32;
+    let phase = mix::run(s, &builds, wave, timeout, since).await;
     (builds, phase)
 }
 
