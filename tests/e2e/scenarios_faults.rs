@@ -104,11 +104,23 @@ pub async fn fresh_phase(
     let before = s.api().faults(Some(faults.unwrap_or(""))).await;
     assert!(faults.is_none() || before.values().all(|n| *n == 0), "faults before {tag}: {before:?}");
     let since = Instant::now();
-    s.start_controller();
+    // A replica that exits at its start is started again, as its pod's container would be
+    // (back-off aside); each such exit is printed, and five in a row fail the scenario.
+    for tries in 1.. {
+        match s.try_start_controller() {
+            Ok(_) => break,
+            Err(e) if tries < 5 => println!("{tag}: the controller exited at its start: {}", last_line(&e)),
+            Err(e) => panic!("{tag}: the controller exited at its start {tries} times: {e}"),
+        }
+    }
     let builds = mix::builds(s, tag, counts);
     let timeout = PHASE * builds.len().div_ceil(wave) as u32;
     let phase = mix::run(s, &builds, wave, timeout, since).await;
     (builds, phase)
+}
+
+fn last_line(text: &str) -> &str {
+    text.trim_end().lines().last().unwrap_or_default()
 }
 
 /// Prints what the phases cost and which faults were injected.
