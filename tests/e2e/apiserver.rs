@@ -3,6 +3,7 @@
 //! pods' containers as local processes, the fresh `bob` first on its PATH), or the cluster that
 //! `KUBECONFIG` names when `BOB_E2E_REGISTRY` says which registry it reaches.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -84,14 +85,25 @@ pub struct ApiServer {
     pub plain_url: Option<String>,
     /// The kube-sim process.
     pub sim: Option<Daemon>,
+    /// Where kube-sim's fake kubelet makes a directory per pod it runs (`<ns>_<name>_<uid8>`).
+    pub pod_dir: Option<PathBuf>,
+}
+
+/// How a scenario's kube-sim runs (ignored on a cluster).
+#[derive(Clone, Debug, Default)]
+pub struct SimFlags {
+    /// `--faults SPEC` from the start (`None`: none until [`ApiServer::faults`] sets some).
+    pub faults: Option<String>,
+    /// `--pod-network isolated`: each pod has a network namespace of its own (needs root).
+    pub isolated: bool,
 }
 
 impl ApiServer {
     /// The API server for one scenario, with its files under `dir` (outside every pod mount path).
-    pub fn start(target: &Target, dir: &Path) -> Self {
+    pub fn start(target: &Target, dir: &Path, flags: &SimFlags) -> Self {
         match target {
             Target::Cluster { kubeconfig, .. } => {
-                ApiServer { kubeconfig: kubeconfig.clone(), plain_url: None, sim: None }
+                ApiServer { kubeconfig: kubeconfig.clone(), plain_url: None, sim: None, pod_dir: None }
             }
             Target::KubeSim { server } => {
                 let kubeconfig = dir.join("kubeconfig");
@@ -111,15 +123,30 @@ impl ApiServer {
                     .arg("--pod-dir")
                     .arg(&pods)
                     .env("PATH", path)
+                    .args(flags.faults.iter().flat_map(|f| ["--faults", f.as_str()]))
+                    .args(flags.isolated.then_some(["--pod-network", "isolated"]).into_iter().flatten())
                     .env("PYTHONUNBUFFERED", "1")
                     .env_remove("KUBECONFIG");
                 let mut sim = Daemon::spawn("kube-sim", cmd, &dir.join("kube-sim.log"));
                 let line = sim.wait_for_line("kube-sim listening on ", Duration::from_secs(20));
                 let url = line.rsplit(' ').next().unwrap().trim().to_string();
                 sim.wait_for_line("kubeconfig written", Duration::from_secs(5));
-                ApiServer { kubeconfig, plain_url: Some(url), sim: Some(sim) }
+                ApiServer { kubeconfig, plain_url: Some(url), sim: Some(sim), pod_dir: Some(pods) }
             }
         }
+    }
+
+    /// kube-sim's fault counts by kind (`GET /_sim/faults`); with `set`, the faults are replaced
+    /// from then on first (`Some("")`: none). Panics on a cluster, which has no such switch.
+    pub async fn faults(&self, set: Option<&str>) -> BTreeMap<String, u64> {
+        let url = self.plain_url.as_deref().expect("fault injection needs kube-sim");
+        let mut url = url::Url::parse(&format!("{url}/_sim/faults")).unwrap();
+        if let Some(spec) = set {
+            url.query_pairs_mut().append_pair("set", spec);
+        }
+        let answer = reqwest::Client::builder().no_proxy().build().unwrap().get(url).send().await;
+        let answer = answer.and_then(|r| r.error_for_status()).expect("kube-sim answers /_sim/faults");
+        answer.json().await.expect("fault counts are a JSON object of numbers")
     }
 }
 

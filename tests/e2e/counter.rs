@@ -1,7 +1,8 @@
 //! A counting proxy in front of a plain-HTTP API server (kube-sim, or `kubectl proxy` in front of
 //! a TLS cluster): the controller talks to it, and it records every request's method and path, so
 //! a scenario can count the controller's API calls (no retry storm, one pod create). Responses,
-//! watches included, stream through unchanged.
+//! watches included, stream through unchanged; a connection the API server drops (kube-sim's
+//! `drop` and `drop-after` faults) is dropped here too, so the controller meets the same fault.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -9,8 +10,9 @@ use std::time::Instant;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
-use axum::serve::ListenerExt;
 use futures::TryStreamExt;
+use hyper_util::rt::TokioIo;
+use tower::ServiceExt;
 
 /// One request the controller made.
 #[derive(Clone, Debug)]
@@ -23,7 +25,13 @@ pub struct Call {
     pub path: String,
     /// How long the API server took to answer (its response head), once it did.
     pub took: Option<std::time::Duration>,
+    /// Its `User-Agent` (which of the controller's clients made it).
+    pub agent: Option<String>,
 }
+
+/// Marks a response that stands for no answer: its connection is closed instead.
+#[derive(Clone)]
+struct NoAnswer;
 
 #[derive(Clone)]
 struct Shared {
@@ -63,17 +71,38 @@ impl Counter {
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 addr_tx.send(listener.local_addr().unwrap()).unwrap();
-                // As an API server does: a streamed response's head and first chunk are two
-                // writes, and with Nagle the second waits for the client's delayed ACK (~40 ms).
-                let listener = listener.tap_io(|tcp| {
-                    let _ = tcp.set_nodelay(true);
-                });
                 let app = axum::Router::new().fallback(forward).with_state(shared);
-                let _ = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = stopped.await;
-                    })
-                    .await;
+                let mut stopped = std::pin::pin!(stopped);
+                loop {
+                    let tcp = tokio::select! {
+                        accepted = listener.accept() => match accepted {
+                            Ok((tcp, _)) => tcp,
+                            Err(_) => continue,
+                        },
+                        _ = &mut stopped => break,
+                    };
+                    // As an API server does: a streamed response's head and first chunk are two
+                    // writes, and with Nagle the second waits for the client's delayed ACK (~40 ms).
+                    let _ = tcp.set_nodelay(true);
+                    let app = app.clone();
+                    // A service error makes hyper close the connection without a response: the
+                    // controller meets a dropped connection, not a 502 it could tell apart.
+                    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let app = app.clone();
+                        async move {
+                            let response = app.oneshot(req.map(Body::new)).await.unwrap();
+                            match response.extensions().get::<NoAnswer>() {
+                                Some(_) => Err(std::io::Error::other("the API server gave no answer")),
+                                None => Ok(response),
+                            }
+                        }
+                    });
+                    tokio::spawn(async move {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(tcp), service)
+                            .await;
+                    });
+                }
             });
             rt.shutdown_background();
         });
@@ -101,9 +130,12 @@ async fn forward(State(s): State<Shared>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
     let at = Instant::now();
+    let agent =
+        parts.headers.get(http::header::USER_AGENT).map(|a| String::from_utf8_lossy(a.as_bytes()).into());
     let index = {
         let mut calls = s.calls.lock().unwrap();
-        calls.push(Call { at, method: parts.method.to_string(), path: path.clone(), took: None });
+        let method = parts.method.to_string();
+        calls.push(Call { at, method, path: path.clone(), took: None, agent });
         calls.len() - 1
     };
     let body = axum::body::to_bytes(body, 64 << 20).await.unwrap_or_default();
@@ -125,6 +157,12 @@ async fn forward(State(s): State<Shared>, req: Request) -> Response {
             }
             let stream = r.bytes_stream().map_err(std::io::Error::other);
             out.body(Body::from_stream(stream)).unwrap()
+        }
+        // The connection dropped (a fault) or the server is gone: no answer for the client either.
+        Err(e) if e.is_connect() || e.is_request() || e.is_body() => {
+            let mut r = Response::builder().status(502).body(Body::from(format!("counter: {e}"))).unwrap();
+            r.extensions_mut().insert(NoAnswer);
+            r
         }
         Err(e) => Response::builder().status(502).body(Body::from(format!("counter: {e}"))).unwrap(),
     }

@@ -115,6 +115,17 @@ impl Controller {
         dir: &Path,
         env: &[(String, String)],
     ) -> Self {
+        Self::try_start(release, kubeconfig, identity, dir, env).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Controller::start`], or why the replica did not become ready (it is stopped then).
+    pub fn try_start(
+        release: &Release,
+        kubeconfig: &Path,
+        identity: &str,
+        dir: &Path,
+        env: &[(String, String)],
+    ) -> Result<Self, String> {
         let c = release.container();
         let bob = env!("CARGO_BIN_EXE_bob");
         // The image's ENTRYPOINT is the bob binary; the container gives no command, only args.
@@ -142,16 +153,17 @@ impl Controller {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !ready(&admin) {
             if let Some(s) = daemon.try_wait() {
-                panic!("controller {identity} exited ({s}) before it was ready:\n{}", daemon.tail(40));
+                return Err(format!(
+                    "controller {identity} exited ({s}) before it was ready:\n{}",
+                    daemon.tail(40)
+                ));
             }
-            assert!(
-                Instant::now() < deadline,
-                "controller {identity} not ready in 30 s:\n{}",
-                daemon.tail(40)
-            );
+            if Instant::now() >= deadline {
+                return Err(format!("controller {identity} not ready in 30 s:\n{}", daemon.tail(40)));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Controller { identity: identity.to_string(), admin, daemon }
+        Ok(Controller { identity: identity.to_string(), admin, daemon })
     }
 }
 

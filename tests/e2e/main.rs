@@ -8,22 +8,28 @@
 //! Without an API server it prints one line saying why and reports the scenarios ignored;
 //! `BOB_E2E=required` (set by `.ci/run`) makes that a failure, `BOB_E2E=off` skips on purpose.
 //! Each scenario runs alone with `cargo test --test e2e <name>`; the benchmark is an ignored
-//! trial: `cargo test --release --test e2e -- --ignored benchmark`.
+//! trial: `cargo test --release --test e2e -- --ignored benchmark`; so are the fault benchmark
+//! and the fault scenario with other seeds (`scripts/faults`).
 
 #[path = "../common/mod.rs"]
 mod common;
 
 mod apiserver;
 mod bench;
+mod bench_faults;
 mod builds;
 mod counter;
 mod daemon;
 mod install;
 mod kubectl;
+mod kubelet;
+mod mix;
 mod rbac;
 mod scenario;
 mod scenarios;
 mod scenarios_cloud;
+mod scenarios_faults;
+mod scenarios_lease;
 mod scenarios_logs;
 mod scenarios_ops;
 
@@ -44,18 +50,31 @@ fn main() -> ExitCode {
     runs.extend(scenarios_ops::ALL.iter().map(|(n, r)| (*n, *r, false)));
     runs.extend(scenarios_logs::ALL.iter().map(|(n, r)| (*n, *r, false)));
     runs.extend(scenarios_cloud::ALL.iter().map(|(n, r)| (*n, *r, false)));
+    runs.extend(scenarios_faults::ALL.iter().map(|(n, r)| (*n, *r, false)));
+    runs.extend(scenarios_lease::ALL.iter().map(|(n, r)| (*n, *r, false)));
     runs.push(("benchmark", bench::run, true));
+    runs.push(("benchmark_faults", bench_faults::benchmark, true));
+    runs.push(("faults_seed", bench_faults::seed_trial, true));
     let trials: Vec<Trial> = match &target {
         Ok(t) => {
             eprintln!("e2e: API server: {}", t.describe());
             // A missing renderer is a missing component: every scenario fails, saying what to run.
             let renderer = install::renderer_ready();
             // The ECR scenario serves its ECR host from this machine's loopback: a cluster's pods
-            // cannot reach it, so there it is reported ignored, and said so here.
-            let sim_only = |name: &str| scenarios_cloud::ALL.iter().any(|(n, _)| *n == name);
+            // cannot reach it, so there it is reported ignored, and said so here. The fault
+            // scenarios need kube-sim's fault switch and its kubelet's record of the pods it ran.
+            let sim_only = |name: &str| {
+                scenarios_cloud::ALL
+                    .iter()
+                    .chain(scenarios_faults::ALL)
+                    .chain(scenarios_lease::ALL)
+                    .any(|(n, _)| *n == name)
+                    || ["benchmark_faults", "faults_seed"].contains(&name)
+            };
             if !t.is_kube_sim() {
                 eprintln!(
-                    "e2e: the ECR scenarios run on kube-sim only (their registry is this machine's loopback)"
+                    "e2e: the ECR scenarios run on kube-sim only (their registry is this machine's loopback), \
+                     and so do the fault scenarios (kube-sim injects the faults)"
                 );
             }
             runs.into_iter()

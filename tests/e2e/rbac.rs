@@ -87,7 +87,13 @@ pub fn check(release: &Release, calls: &[Call]) {
 /// The request → access mapping on known requests (a trial of its own: it needs no API server).
 pub fn mapping_self_check() {
     let call = |method: &str, path: &str| {
-        access(&Call { at: std::time::Instant::now(), method: method.into(), path: path.into(), took: None })
+        access(&Call {
+            at: std::time::Instant::now(),
+            method: method.into(),
+            path: path.into(),
+            took: None,
+            agent: None,
+        })
     };
     let a = call("PATCH", "/apis/bob.dev/v1alpha1/namespaces/n/imagebuilds/x/status?force=true").unwrap();
     assert_eq!((a.group.as_str(), a.resource.as_str(), a.verb), ("bob.dev", "imagebuilds/status", "patch"));

@@ -15,7 +15,7 @@ use kube::api::{Api, ListParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
 
-use super::apiserver::{ApiServer, Target, plain_kubeconfig};
+use super::apiserver::{ApiServer, SimFlags, Target, plain_kubeconfig};
 use super::common::build::busybox_image;
 use super::common::{Direct, Registry, RegistryAuth, docker_config};
 use super::counter::Counter;
@@ -25,10 +25,23 @@ use super::kubectl::Kubectl;
 
 /// kube-sim runs every pod on this machine's network, where the build pod's proxy always listens
 /// on 127.0.0.1:8080: scenarios that run build pods take turns (a cluster gives each pod its own
-/// network; there they run in parallel).
-static HOST_NETWORK: LazyLock<Arc<tokio::sync::Mutex<()>>> = LazyLock::new(Arc::default);
+/// network; there they run in parallel). Scenarios with isolated pod networks share a turn:
+/// kube-sim relays into a pod every host port its spec names that something on the host listens
+/// on, 127.0.0.1:8080 (the proxy's own address) too, so a host-network build pod running at that
+/// moment would take the isolated pod's proxy port.
+static HOST_NETWORK: LazyLock<Arc<tokio::sync::RwLock<()>>> = LazyLock::new(Arc::default);
+
+/// A scenario's turn on this machine's network: alone, or shared by isolated scenarios.
+#[allow(dead_code)] // held for its Drop
+enum Turn {
+    Alone(tokio::sync::OwnedRwLockWriteGuard<()>),
+    Shared(tokio::sync::OwnedRwLockReadGuard<()>),
+}
 
 const PASSWORD: &str = "e2e-pass-7f3a";
+
+/// The User-Agent of the scenario's own API client.
+pub const AGENT: &str = "bob-e2e";
 
 /// What a scenario needs besides the defaults.
 pub struct Options {
@@ -53,6 +66,12 @@ pub struct Options {
     /// on a kept-alive connection the body waits for the client's delayed ACK, about 40 ms
     /// (docs/benchmarks.md). A real API server does not; the benchmark measures both ways.
     pub fresh_connections: bool,
+    /// kube-sim's `--faults SPEC` from the start (`Scenario::faults` switches them later).
+    pub faults: Option<String>,
+    /// kube-sim's `--pod-network isolated`: build pods do not share this machine's network, so
+    /// the scenario's builds run at once, and it shares its turn with other isolated scenarios
+    /// (see `HOST_NETWORK`; needs root).
+    pub isolated: bool,
 }
 
 impl Default for Options {
@@ -66,6 +85,8 @@ impl Default for Options {
             pods: true,
             counted: true,
             fresh_connections: false,
+            faults: None,
+            isolated: false,
         }
     }
 }
@@ -109,7 +130,7 @@ pub struct Scenario {
     registry: Option<Registry>,
     api: ApiServer,
     extra: Vec<Daemon>,
-    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+    _turn: Option<Turn>,
     work: Option<tempfile::TempDir>,
 }
 
@@ -123,13 +144,15 @@ fn short(name: &str) -> String {
 impl Scenario {
     /// Sets up the world of scenario `name`.
     pub async fn start(target: &Target, name: &str, opts: Options) -> Self {
-        let turn = match target.is_kube_sim() && opts.pods {
-            true => Some(HOST_NETWORK.clone().lock_owned().await),
-            false => None,
+        let turn = match (target.is_kube_sim() && opts.pods, opts.isolated) {
+            (true, false) => Some(Turn::Alone(HOST_NETWORK.clone().write_owned().await)),
+            (true, true) => Some(Turn::Shared(HOST_NETWORK.clone().read_owned().await)),
+            (false, _) => None,
         };
         let work = tempfile::Builder::new().prefix("bob-e2e-").tempdir().unwrap();
         let dir = work.path().to_path_buf();
-        let api = ApiServer::start(target, &dir);
+        let flags = SimFlags { faults: opts.faults.clone(), isolated: opts.isolated };
+        let api = ApiServer::start(target, &dir, &flags);
         let kubectl = Kubectl::new(&api.kubeconfig, &dir.join("kubectl-cache"));
         let prefix = short(name);
         let ns = prefix.clone();
@@ -174,7 +197,10 @@ impl Scenario {
         release.install(&kubectl).await;
 
         let config = kube::config::Kubeconfig::read_from(&api.kubeconfig).unwrap();
-        let config = kube::Config::from_custom_kubeconfig(config, &Default::default()).await.unwrap();
+        let mut config = kube::Config::from_custom_kubeconfig(config, &Default::default()).await.unwrap();
+        // The test's own reads and watches are spared by kube-sim's fault injection
+        // (`agent=^(?!kubectl|bob-e2e)`), as kubectl is: the faults are the controller's.
+        config.headers.push((http::header::USER_AGENT, http::HeaderValue::from_static(AGENT)));
         let client = kube::Client::try_from(config).unwrap();
         let pods = watch_pods(client.clone(), &ns);
 
@@ -237,6 +263,11 @@ impl Scenario {
         s
     }
 
+    /// The scenario's API server (kube-sim's fault switch and pod directory).
+    pub fn api(&self) -> &ApiServer {
+        &self.api
+    }
+
     /// The kubeconfig of a user of the API server (what `kubectl` and `bob logs` use).
     pub fn kubeconfig(&self) -> &std::path::Path {
         &self.api.kubeconfig
@@ -268,16 +299,22 @@ impl Scenario {
 
     /// Starts one more controller replica (a new pod of the Deployment).
     pub fn start_controller(&mut self) -> &Controller {
+        self.try_start_controller().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Scenario::start_controller`], or why the replica did not become ready (a pod that the
+    /// kubelet would start again; the next try appends to the same log).
+    pub fn try_start_controller(&mut self) -> Result<&Controller, String> {
         let identity = format!("bob-controller-e2e-{}", self.controllers.len());
-        let c = Controller::start(
+        let c = Controller::try_start(
             &self.release,
             &self.controller_kubeconfig,
             &identity,
             &self.dir,
             &self.controller_env,
-        );
+        )?;
         self.controllers.push(c);
-        self.controllers.last().unwrap()
+        Ok(self.controllers.last().unwrap())
     }
 
     /// The end of every scenario: no ImageBuild is left without a phase. Then cleans up.
