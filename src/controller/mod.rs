@@ -100,6 +100,9 @@ pub enum StartError {
     /// The CRD is not installed.
     #[error("the ImageBuild CRD is not installed (bob crd | kubectl apply -f -)")]
     NoCrd(#[source] kube::Error),
+    /// The API server did not answer the first list of ImageBuilds (after the client's retries).
+    #[error("cannot list ImageBuilds")]
+    Unreachable(#[source] kube::Error),
     /// Leader election failed.
     #[error("leader election failed")]
     Lease(#[source] kube_lease_manager::LeaseManagerError),
@@ -328,7 +331,11 @@ pub async fn run(args: ControllerArgs) -> Result<(), StartError> {
         Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
-    builds.list(&ListParams::default().limit(1)).await.map_err(StartError::NoCrd)?;
+    // Only a 404 says the CRD is missing; anything else is the API server not answering.
+    builds.list(&ListParams::default().limit(1)).await.map_err(|e| match e {
+        kube::Error::Api(ref s) if s.code == 404 => StartError::NoCrd(e),
+        e => StartError::Unreachable(e),
+    })?;
     let plan = PlanConfig {
         image: args.image.clone(),
         build_timeout: args.build_timeout,
