@@ -298,8 +298,13 @@ fn an_api_error_leaves_phase_reason_and_attempt_and_says_so_in_a_condition() {
     let mut retrying = building("p1");
     retrying["phase"] = json!("Pending");
     retrying["podName"] = Value::Null;
-    let t5 = act(decide(&ib(60, Some(retrying)), &o, &settings(None)));
+    let t5 = act(decide(&ib(60, Some(retrying.clone())), &o, &settings(None)));
     assert_eq!((status(&t5).phase, status(&t5).attempts), (Some(Phase::Pending), Some(1)));
+    // One that never started and never gets an answer (RBAC) ends at the queue time limit.
+    let t6 = act(decide(&ib(1801, Some(retrying)), &o, &settings(None)));
+    assert_eq!(phase_reason(&t6), (Phase::Failed, Some(Reason::QueueTimeout)));
+    let t7 = act(decide(&ib(1801, Some(building("p1"))), &o, &settings(None)));
+    assert_eq!(status(&t7).phase, Some(Phase::Building), "a started build is not on the queue clock");
 }
 
 #[test]

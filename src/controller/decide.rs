@@ -44,7 +44,7 @@ fn decide_step(ib: &ImageBuild, seen: &Observed, cfg: &Settings) -> Step {
     }
     if let Some(f) = &seen.api_error {
         // Unknown is not absent: nothing observed this time is taken for a fact.
-        return Step::Act(unreachable(ib, old, f, seen.now));
+        return Step::Act(unreachable(ib, old, f, seen.now, cfg));
     }
     if ib.spec.cancel {
         let tail = match (&old.pod_name, &seen.log_tail) {
@@ -257,7 +257,22 @@ fn owned_by(pod: &Pod, ib: &ImageBuild) -> bool {
 
 /// An API call failed: phase, reason and attempt stay as they are (a new ImageBuild becomes
 /// `Pending`), and the condition `ApiReachable=False` says why until the API answers again.
-fn unreachable(ib: &ImageBuild, old: ImageBuildStatus, f: &Failure, now: Timestamp) -> Transition {
+fn unreachable(
+    ib: &ImageBuild,
+    old: ImageBuildStatus,
+    f: &Failure,
+    now: Timestamp,
+    cfg: &Settings,
+) -> Transition {
+    if old.pod_name.is_none() {
+        // A build that has not started is on the queue clock all the same: an API call that
+        // never succeeds (RBAC forbids it) ends in QueueTimeout, not a wait without end.
+        let mut s = old.clone();
+        s.observed_generation = ib.metadata.generation;
+        if let Err(done) = queue_clock(ib, &s, &f.message, now, cfg) {
+            return *done;
+        }
+    }
     let known = old.conditions.iter().find(|c| c.type_ == status::API_REACHABLE).cloned();
     let since = known.as_ref().map_or(now, |c| c.last_transition_time.0);
     let mut s = old;

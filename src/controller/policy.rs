@@ -60,7 +60,13 @@ impl Policy {
 pub fn owner_done(status: Option<&ImageBuildStatus>, generation: Option<i64>, pod: &str) -> bool {
     let Some(s) = status else { return false };
     let terminal = s.phase.is_some_and(|p| p.is_terminal()) && s.observed_generation == generation;
-    terminal || s.pod_name.as_deref() != Some(pod)
+    match s.pod_name.as_deref() {
+        _ if terminal => true,
+        Some(other) => other != pod,
+        // No pod recorded: done only when it waits for a retry on a new pod. Otherwise it may
+        // have made or joined this one and lost the status write that says so.
+        None => s.next_attempt_at.is_some(),
+    }
 }
 
 /// The ImageBuild's queue time limit: `spec.timeouts.queue`, else the installation's default. A
@@ -125,5 +131,10 @@ mod tests {
             "edited: not final yet"
         );
         assert!(!owner_done(None, Some(1), "p1"), "no status yet: it may still need the pod");
+        let mut unrecorded = s(Phase::Pending, None, Some(1));
+        assert!(!owner_done(Some(&unrecorded), Some(1), "p1"), "its create's status write may be lost");
+        let now = k8s_openapi::jiff::Timestamp::now();
+        unrecorded.next_attempt_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
+        assert!(owner_done(Some(&unrecorded), Some(1), "p1"), "waits for a retry on a new pod");
     }
 }

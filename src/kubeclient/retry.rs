@@ -2,7 +2,8 @@
 //! reset, refused), or a 429, 500, 502, 503 or 504, is sent again after an exponential, jittered
 //! backoff that honours `Retry-After`, within a bound of tries and of time, so one reconcile is
 //! never stalled for long. Every method is retried: bob's writes are idempotent by design
-//! (deterministic names read back on 409, server-side apply, UID preconditions on deletes).
+//! (deterministic names read back on 409, server-side apply, UID preconditions on deletes) —
+//! except a JSON patch, which is retried only after a 429 (never applied).
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
@@ -186,6 +187,9 @@ where
     // A watch or a followed log is a stream: once its head has arrived, the caller owns it (the
     // watcher resumes with its own backoff); only a failed connect is retried.
     let streaming = is_stream(&req);
+    // A JSON patch (`add /spec/containers/-`) applied twice is not the same as once: when it may
+    // have been applied (no answer, a 5xx) it is not sent again; a 429 was never applied.
+    let once = is_json_patch(&req);
     // A body that cannot be cloned (a stream) cannot be sent twice.
     let copy = replica(&req);
     let mut result = inner.call(req).await;
@@ -197,6 +201,9 @@ where
             Err(e) if no_response(e.as_ref()) => Outcome::NoResponse,
             Err(_) => return result,
         };
+        if once && !matches!(outcome, Outcome::Status(s, _) if s == StatusCode::TOO_MANY_REQUESTS) {
+            return result;
+        }
         // Made before the wait: a reference to a request (its body is not Sync) may not be held
         // across it.
         let Some(next) = copy.as_ref().and_then(replica) else { return result };
@@ -226,6 +233,12 @@ fn replica(req: &Request<Body>) -> Option<Request<Body>> {
     *copy.headers_mut() = req.headers().clone();
     *copy.extensions_mut() = req.extensions().clone();
     Some(copy)
+}
+
+/// Whether the request is a JSON patch (RFC 6902), which is not idempotent.
+fn is_json_patch(req: &Request<Body>) -> bool {
+    let kind = req.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    kind.is_some_and(|k| k.starts_with("application/json-patch+json"))
 }
 
 /// Whether the request asks for a stream (`watch=true`, `follow=true`).
@@ -312,6 +325,29 @@ mod tests {
         assert_eq!(p.next_wait(1, Duration::ZERO, &after(1), 0.0), Some(Duration::from_secs(1)));
         assert_eq!(p.next_wait(1, Duration::from_secs(3), &after(1), 0.0), None);
         assert_eq!(p.next_wait(1, Duration::ZERO, &after(30), 0.0), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_json_patch_that_may_have_been_applied_is_not_sent_again() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        for (kind, again) in [("application/json-patch+json", false), ("application/apply-patch+yaml", true)]
+        {
+            let sent = Arc::new(AtomicUsize::new(0));
+            let counter = sent.clone();
+            let svc = tower::service_fn(move |_: Request<Body>| {
+                let counter = counter.clone();
+                async move {
+                    counter.fetch_add(1, SeqCst);
+                    Ok::<_, BoxError>(Response::builder().status(500).body(Body::empty()).unwrap())
+                }
+            });
+            let req = Request::patch("/apis/bob.dev/v1alpha1/namespaces/n/buildlogs/l")
+                .header(http::header::CONTENT_TYPE, kind)
+                .body(Body::from(b"[]".to_vec()))
+                .unwrap();
+            let _ = send(svc, req, Policy::default(), None).await;
+            assert_eq!(sent.load(SeqCst) > 1, again, "{kind}: sent {} times", sent.load(SeqCst));
+        }
     }
 
     #[test]

@@ -168,9 +168,18 @@ pub async fn problems(s: &Scenario, builds: &[Build], phase: &Phase, seeded: &Va
             }
             continue;
         }
-        // Nothing here fails for a reason a new attempt could cure.
-        if st["attempts"] != 1 {
-            out.push(format!("{}: {} attempts, not 1", b.name, st["attempts"]));
+        // A new attempt only for a failure a new attempt can cure, announced as such (a
+        // registry that refuses a push under load is one); never for an API call that failed.
+        let attempts = st["attempts"].as_u64().unwrap_or(0);
+        if attempts != 1 {
+            let retries = retries(s, &b.name).await;
+            let cured = retries
+                .iter()
+                .filter(|r| !r.contains("(ApiUnavailable") && !r.contains("(PodDeleted"))
+                .count();
+            if attempts == 0 || cured < attempts as usize - 1 {
+                out.push(format!("{}: {attempts} attempts, not 1; its retries: {retries:?}", b.name));
+            }
         }
         if b.kind == Kind::Fails {
             continue;
@@ -207,4 +216,17 @@ pub fn outcomes(phase: &Phase) -> BTreeMap<String, usize> {
         *out.entry(key).or_default() += 1;
     }
     out
+}
+
+/// The notes of the `Retrying` Events of ImageBuild `name` (`attempt N failed (REASON: ...)`).
+async fn retries(s: &Scenario, name: &str) -> Vec<String> {
+    use k8s_openapi::api::core::v1::Event;
+    let events: kube::Api<Event> = kube::Api::namespaced(s.client.clone(), &s.ns);
+    let list = events.list(&Default::default()).await.map(|l| l.items).unwrap_or_default();
+    list.into_iter()
+        .filter(|e| {
+            e.involved_object.name.as_deref() == Some(name) && e.reason.as_deref() == Some("Retrying")
+        })
+        .filter_map(|e| e.message)
+        .collect()
 }
