@@ -218,6 +218,13 @@ pub fn outcomes(phase: &Phase) -> BTreeMap<String, usize> {
     out
 }
 
+/// How many of ImageBuild `name`'s retries were for a failure a new attempt can cure (a registry
+/// refusing a push under load), not for an API call that failed (the faults' business).
+pub async fn curable_retries(s: &Scenario, name: &str) -> usize {
+    let notes = retries(s, name).await;
+    notes.iter().filter(|r| !r.contains("(ApiUnavailable") && !r.contains("(PodDeleted")).count()
+}
+
 /// The notes of the `Retrying` Events of ImageBuild `name` (`attempt N failed (REASON: ...)`).
 async fn retries(s: &Scenario, name: &str) -> Vec<String> {
     use k8s_openapi::api::core::v1::Event;

@@ -98,7 +98,10 @@ async fn two_replicas_with_faulty_lease_renewals_never_both_create_pods(t: Targe
     let mut problems = overlaps(&replicas);
     for (name, st) in &statuses {
         let got = (st["phase"].as_str(), st["reason"].as_str(), st["attempts"].as_u64());
-        if got != (Some("Succeeded"), Some("Built"), Some(1)) {
+        // An extra attempt only for a failure a new attempt can cure, announced (mix::problems).
+        let extra = got.2.unwrap_or(0).saturating_sub(1) as usize;
+        let cured = extra > 0 && super::mix::curable_retries(&s, name).await >= extra;
+        if (got.0, got.1) != (Some("Succeeded"), Some("Built")) || (extra > 0 && !cured) || got.2.is_none() {
             problems.push(format!("{name}: {got:?}, not Succeeded/Built in one attempt: {}", st["message"]));
         }
     }
